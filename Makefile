@@ -1,0 +1,35 @@
+# `make demo` and `make test` each work alone on a fresh clone: they create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Nothing is fetched from model hubs: the tiny profile builds its own stand-in SVD.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: venv demo test lint lab clean
+
+# torch first, from the exact pin (a CPU wheel here), so the package install never pulls another torch.
+$(BIN)/cnx: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/cnx
+
+venv: $(BIN)/cnx
+
+demo: venv
+	$(BIN)/cnx tiny-model .cache/demo/tiny-svd
+	$(BIN)/cnx samples .cache/demo/samples
+	@echo "demo: stand-in SVD in .cache/demo/tiny-svd, synthetic dancers in .cache/demo/samples"
+
+lint: venv
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/pytest --nbmake --nbmake-timeout=300 tests notebooks
+
+lab: venv
+	$(BIN)/jupyter lab notebooks
+
+clean:
+	rm -rf .cache .pytest_cache .ruff_cache

@@ -1,0 +1,100 @@
+"""Run profiles: `tiny` (laptop CPU, bundled samples, stand-in SVD) and `full` (the seed's setting).
+
+One variable switches a notebook between them: `CNX_PROFILE=full` in the
+environment, or `setup_notebook("full")`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_SAMPLES = REPO_ROOT / "data_samples"
+CACHE_DIR = REPO_ROOT / ".cache"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    pretrained_model_name_or_path: str  # diffusers SVD pipeline folder or hub id
+    meta_info_path: str  # json list of {video_path, guide_path, meta_info}
+    validation_image_folder: str  # ground-truth frames 0.png..N.png
+    validation_control_folder: str  # pose frames 0.png..N.png
+    validation_image: str  # the reference image
+    width: int  # training width in pixels (the seed: 576)
+    height: int  # training height in pixels (the seed: 1024)
+    sample_n_frames: int  # frames per training clip (the seed: 21)
+    interval_frame: int  # spacing between sampled frames; <= 0 draws one in [2, 7]
+    mixed_precision: str  # "no" on CPU, "bf16" on GPUs
+    unet_width: int  # first UNet block width: 320 for SVD, small for the stand-in
+
+
+_VALIDATION = DATA_SAMPLES / "validation"
+
+PROFILES = {
+    "tiny": Profile(
+        name="tiny",
+        pretrained_model_name_or_path=str(CACHE_DIR / "tiny-svd"),
+        meta_info_path=str(DATA_SAMPLES / "meta_info.json"),
+        validation_image_folder=str(_VALIDATION / "ground_truth"),
+        validation_control_folder=str(_VALIDATION / "pose"),
+        validation_image=str(_VALIDATION / "reference_image.png"),
+        width=64,
+        height=96,
+        sample_n_frames=8,
+        interval_frame=3,
+        mixed_precision="no",
+        unet_width=32,
+    ),
+    "full": Profile(
+        name="full",
+        pretrained_model_name_or_path="stabilityai/stable-video-diffusion-img2vid-xt-1-1",
+        meta_info_path=os.environ.get("CNX_META_INFO", str(DATA_SAMPLES / "meta_info.json")),
+        validation_image_folder=str(_VALIDATION / "ground_truth"),
+        validation_control_folder=str(_VALIDATION / "pose"),
+        validation_image=str(_VALIDATION / "reference_image.png"),
+        width=576,
+        height=1024,
+        sample_n_frames=21,
+        interval_frame=3,
+        mixed_precision="bf16",
+        unet_width=320,
+    ),
+}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The named profile, else `$CNX_PROFILE`, else `tiny`."""
+    name = name or os.environ.get("CNX_PROFILE", "tiny")
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    return PROFILES[name]
+
+
+def ensure_model(profile: Profile, seed: int = 0) -> Profile:
+    """Build the stand-in SVD on first use for the tiny profile (a hub id is left to diffusers)."""
+    path = Path(profile.pretrained_model_name_or_path)
+    if profile.name == "tiny" and not (path / "model_index.json").exists():
+        from cnx.tiny import write_tiny_svd
+
+        write_tiny_svd(path, seed=seed, unet_width=profile.unet_width)
+    return profile
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_notebook(name: str | None = None, seed: int = 0) -> Profile:
+    """First cell of every notebook: pick the profile, seed, make sure the model exists."""
+    profile = ensure_model(get_profile(name), seed=seed)
+    seed_everything(seed)
+    return profile

@@ -1,0 +1,149 @@
+"""A stand-in for Stable Video Diffusion with tiny random weights, written as a real diffusers folder.
+
+Nothing can be downloaded here, yet the code that loads
+`stabilityai/stable-video-diffusion-img2vid-xt-1-1` must be the code under
+test. So cnx writes a pipeline folder with the same layout, component classes
+and scheduler configuration as SVD-xt, only much smaller; every loader in cnx
+reads it with plain `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+# SVD-xt's scheduler: v-prediction on continuous timesteps (0.25 ln sigma), Karras sigmas 0.002..700.
+SVD_XT_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "sigma_max": 700.0,
+    "sigma_min": 0.002,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "timestep_type": "continuous",
+    "trained_betas": None,
+    "use_karras_sigmas": True,
+}
+
+# OpenAI CLIP's normalisation, as in SVD-xt's feature_extractor/preprocessor_config.json.
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_tiny_components(seed: int = 0, unet_width: int = 32, vae_width: int = 32, num_frames: int = 8):
+    """The five SVD components with tiny, seeded random weights.
+
+    `unet_width` is the first UNet block's width (SVD: 320); it must be a
+    multiple of 32 because the UNet's group norms use 32 groups.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        UNetSpatioTemporalConditionModel,
+    )
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if unet_width % 32 or vae_width % 32:
+        raise ValueError(f"unet_width and vae_width must be multiples of 32, got {unet_width}, {vae_width}")
+    embed_dim = unet_width  # CLIP image embedding size == the UNet's cross-attention width
+    time_id_dim = 32  # per added time id (SVD: 256); 3 ids: fps, motion bucket, noise augmentation
+
+    torch.manual_seed(seed)
+    unet = UNetSpatioTemporalConditionModel(
+        sample_size=12,
+        in_channels=8,  # noisy latents (4) + reference image latents (4)
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        block_out_channels=(unet_width, 2 * unet_width),
+        addition_time_embed_dim=time_id_dim,
+        projection_class_embeddings_input_dim=3 * time_id_dim,
+        layers_per_block=1,
+        cross_attention_dim=embed_dim,
+        num_attention_heads=(unet_width // 16, unet_width // 8),
+        num_frames=num_frames,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLTemporalDecoder(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # three downsamples: factor 8 as in SVD
+        block_out_channels=(vae_width,) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=96,
+        scaling_factor=0.18215,
+    )
+    torch.manual_seed(seed + 2)
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=embed_dim,
+            intermediate_size=2 * embed_dim,
+            projection_dim=embed_dim,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=224,  # the SVD pipeline always resizes the reference to 224x224
+            patch_size=32,
+        )
+    )
+    scheduler = EulerDiscreteScheduler(**SVD_XT_SCHEDULER_CONFIG)
+    return unet, vae, image_encoder, scheduler
+
+
+def write_tiny_svd(
+    out_dir: str | Path, seed: int = 0, unet_width: int = 32, vae_width: int = 32, num_frames: int = 8
+) -> Path:
+    """Write a StableVideoDiffusionPipeline folder; the same seed gives byte-identical weight files."""
+    from diffusers import StableVideoDiffusionPipeline
+    from transformers import CLIPImageProcessor
+
+    unet, vae, image_encoder, scheduler = build_tiny_components(seed, unet_width, vae_width, num_frames)
+    feature_extractor = CLIPImageProcessor(
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=unet,
+        scheduler=scheduler,
+        feature_extractor=feature_extractor,
+    )
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    # Without torchvision transformers substitutes its PIL-backed processor class; name the
+    # class SVD-xt's own model_index.json names, so loading follows the same path.
+    index_path = out_dir / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def folder_size(path: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cnx tiny-model", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="folder to write the pipeline into")
+    parser.add_argument("--seed", type=int, default=0, help="weights are a function of the seed alone")
+    parser.add_argument("--unet-width", type=int, default=32, help="first UNet block width (SVD: 320)")
+    parser.add_argument("--vae-width", type=int, default=32, help="VAE block width (SVD: 128..512)")
+    parser.add_argument("--num-frames", type=int, default=8, help="the pipeline's default frame count")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    out = write_tiny_svd(args.out_dir, args.seed, args.unet_width, args.vae_width, args.num_frames)
+    seconds = time.perf_counter() - start
+    print(f"tiny SVD pipeline: {out} ({folder_size(out) / 1e6:.1f} MB, {seconds:.1f} s)")
+    print(f"load it with StableVideoDiffusionPipeline.from_pretrained({str(out)!r})")
+    return 0
