@@ -7,9 +7,16 @@ cnx (the seed's BGR->RGB swap after decord coloured poses wrongly).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+
+def frame_rate(fps: float) -> int | Fraction:
+    """An exact frame rate for the encoder (PyAV rejects plain floats): 8.0 -> 8, 29.97 -> 30000/1001."""
+    rate = Fraction(fps).limit_denominator(1001)
+    return int(rate) if rate.denominator == 1 else rate
 
 
 def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 8, crf: int = 18) -> Path:
@@ -27,12 +34,14 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 8, 
                 if h % 2 or w % 2 or w < 64:
                     # Odd sizes break yuv420p; decord cannot read back widths under 64.
                     raise ValueError(f"{path}: frames must have even sizes and width >= 64, got {w}x{h}")
-                stream = container.add_stream("libx264", rate=fps)
+                stream = container.add_stream("libx264", rate=frame_rate(fps))
                 stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
                 # Fixed encoder settings and one thread keep the file byte-identical across runs.
                 stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
                 stream.thread_count = 1
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            # Convert to YUV here: the encoder's own conversion is not deterministic at small widths.
+            yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
+            container.mux(stream.encode(yuv))
         if stream is None:
             raise ValueError(f"{path}: no frames to write")
         container.mux(stream.encode())
