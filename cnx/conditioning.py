@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cnx.controlnext import DEFAULT_CONTROL_SCALE
 from cnx.edm import append_dims, gaussian_noise
 
 # SVD-xt's micro-conditioning defaults (StableVideoDiffusionPipeline's own defaults).
@@ -142,7 +143,9 @@ class ConditioningDropout:
         return ~self.keep_image_embedding & ~self.keep_reference_latent & (self.control_scale == 0)
 
     @classmethod
-    def keep_all(cls, batch_size: int, device=None, control_scale: float = 1.0) -> ConditioningDropout:
+    def keep_all(
+        cls, batch_size: int, device=None, control_scale: float = DEFAULT_CONTROL_SCALE
+    ) -> ConditioningDropout:
         """Every condition on: the conditional branch of the sampler."""
         ones = torch.ones(batch_size, dtype=torch.bool, device=device)
         return cls(ones, ones, torch.full((batch_size,), float(control_scale), device=device))
@@ -182,7 +185,7 @@ def sample_conditioning_dropout(
     conditioning_dropout_prob: float = DEFAULT_CONDITIONING_DROPOUT_PROB,
     image_embedding_dropout_prob: float = DEFAULT_IMAGE_EMBEDDING_DROPOUT_PROB,
     reference_latent_dropout_prob: float = DEFAULT_REFERENCE_LATENT_DROPOUT_PROB,
-    control_scale: float = 1.0,
+    control_scale: float = DEFAULT_CONTROL_SCALE,
 ) -> ConditioningDropout:
     """Draw one uniform number per sample and split [0, 1) into four mutually exclusive cases.
 

@@ -9,6 +9,7 @@ from diffusers import StableVideoDiffusionPipeline
 
 from cnx import conditioning as cond
 from cnx import edm
+from cnx.controlnext import DEFAULT_CONTROL_SCALE
 
 
 def _draws(seed: int, rank: int, batch: int = 64):
@@ -72,7 +73,9 @@ def test_pitfall_12_dropout_frequencies_match_the_stated_probabilities(p_all, p_
     # The control is never off on its own, and nothing else is ever combined with it.
     assert torch.equal(~control_on, d.unconditional)
     assert torch.equal(~control_on, ~emb & ~lat)
-    assert set(d.control_scale.unique().tolist()) <= {0.0, 1.0} and d.control_scale.dtype == torch.float32
+    assert d.control_scale.dtype == torch.float32
+    # By default the control keeps the strength the published models were trained with.
+    torch.testing.assert_close(d.control_scale.unique(), torch.tensor([0.0, DEFAULT_CONTROL_SCALE]))
 
 
 def test_dropout_passes_the_callers_control_scale_and_rejects_bad_probabilities():
