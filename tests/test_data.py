@@ -1,0 +1,526 @@
+"""Clip sampling, geometry, hand masks and the ClipDataset (pitfalls 15-19)."""
+
+from __future__ import annotations
+
+import ast
+import gc
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from clip_fixtures import (
+    corrupt_middle,
+    decode_index,
+    detections_json,
+    noise_frames,
+    write_dataset,
+    write_entry,
+    write_meta_info,
+)
+
+import cnx.video
+from cnx.checks import DataCheckError
+from cnx.data import (
+    HAND_WEIGHT,
+    ClipDataset,
+    CropBox,
+    FailureBudget,
+    SampleError,
+    TooManyFailures,
+    augment_reference,
+    crop_resize,
+    crop_window,
+    hands_mask,
+    iterate_with_budget,
+    sample_clip,
+    sample_frame_indices,
+    sample_generator,
+    sample_seed,
+)
+from cnx.meta import FrameDetections
+
+CNX = Path(cnx.video.__file__).parent
+
+
+def gen(i: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(i)
+
+
+def hand(box, score: float) -> FrameDetections:
+    return FrameDetections(
+        boxes=np.zeros((0, 2, 2)), hands_boxes=np.array([box], float), hands_score=np.full((1, 21), score)
+    )
+
+
+def hands(*items) -> FrameDetections:
+    boxes = np.array([b for b, _ in items], float)
+    scores = np.array([[s] * 21 for _, s in items], float)
+    return FrameDetections(boxes=np.zeros((0, 2, 2)), hands_boxes=boxes, hands_score=scores)
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("clips")
+    write_dataset(folder, num_entries=3, num_frames=30)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame sampling
+
+
+def test_fixed_interval_gives_evenly_spaced_frames():
+    indices, interval = sample_frame_indices(100, 21, 3, gen())
+    assert interval == 3
+    assert np.all(np.diff(indices) == 3) and len(indices) == 21
+    assert indices[0] >= 0 and indices[-1] < 100
+
+
+def test_interval_shrinks_when_the_video_is_too_short():
+    indices, interval = sample_frame_indices(30, 8, 5, gen())  # span 36 > 30
+    assert interval == 4  # (30 - 1) // 7
+    assert np.all(np.diff(indices) == 4) and indices[-1] < 30
+    indices, interval = sample_frame_indices(8, 8, 3, gen())
+    assert interval == 1 and indices.tolist() == list(range(8))
+
+
+def test_too_short_video_is_an_error():
+    with pytest.raises(ValueError, match="too short"):
+        sample_frame_indices(7, 8, 1, gen())
+
+
+def test_start_is_uniform_over_every_position_that_fits():
+    starts = [sample_frame_indices(40, 8, 3, gen(i))[0][0] for i in range(400)]  # span 22: starts 0..18
+    counts = np.bincount(starts, minlength=19)
+    assert len(counts) == 19 and counts.min() > 5  # every start occurs, none outside
+
+
+def test_non_positive_interval_draws_a_spacing_in_2_to_7():
+    for interval_frame in (0, -1):
+        drawn = {sample_frame_indices(200, 8, interval_frame, gen(i))[1] for i in range(200)}
+        assert drawn == {2, 3, 4, 5, 6, 7}
+
+
+def test_reference_replaces_frame_0_and_comes_from_the_whole_video():
+    references = []
+    for i in range(300):
+        clip = sample_clip(50, 8, 2, gen(i))
+        assert clip.frame_indices[0] == clip.reference_index
+        assert np.array_equal(clip.frame_indices[1:], clip.clip_indices[1:])
+        references.append(clip.reference_index)
+    assert min(references) == 0 and max(references) == 49
+
+
+def test_sample_seed_is_a_fixed_documented_hash():
+    # blake2b("cnx-data:{seed}:{epoch}:{index}"): changing it would silently change every run's data.
+    assert sample_seed(0, 0, 0) == 6148159481894155927
+    assert sample_seed(1, 2, 3) == 5353908742301401490
+    assert len({sample_seed(0, 0, 1), sample_seed(0, 1, 0), sample_seed(1, 0, 0)}) == 3
+    a, b = sample_generator(3, 1, 4), sample_generator(3, 1, 4)
+    assert torch.equal(torch.rand(5, generator=a), torch.rand(5, generator=b))
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+
+
+def test_crop_window_keeps_the_output_aspect_ratio():
+    box = crop_window(1080, 1920, 576, 1024)  # same aspect: whole frame
+    assert np.allclose(box, (0, 0, 1, 1))
+    box = crop_window(1920, 1080, 576, 1024, offset=0.5)  # landscape source, portrait output
+    w = box.x1 - box.x0
+    assert np.isclose(w * 1920 / 1080, 576 / 1024) and np.isclose(box.x0, (1 - w) / 2)
+    assert crop_window(1920, 1080, 576, 1024, offset=0.0).x0 == 0.0
+    assert np.isclose(crop_window(1920, 1080, 576, 1024, offset=1.0).x1, 1.0)
+    box = crop_window(64, 96, 64, 64, offset=1.0)  # portrait source, square output: crop height
+    assert np.isclose(box.y1, 1.0) and np.isclose(box.y1 - box.y0, 64 / 96)
+    with pytest.raises(ValueError):
+        crop_window(64, 96, 64, 64, offset=1.5)
+
+
+def test_crop_resize_shapes_and_channel_order():
+    frames = np.zeros((2, 96, 64, 3), np.uint8)
+    frames[..., 0], frames[..., 2] = 200, 30  # red-ish: R and B must stay where they are
+    out = crop_resize(frames, CropBox(0, 0, 1, 1), 32, 48)
+    assert out.shape == (2, 3, 48, 32) and out.dtype == torch.uint8
+    assert (out[:, 0] == 200).all() and (out[:, 1] == 0).all() and (out[:, 2] == 30).all()
+    with pytest.raises(ValueError, match="uint8"):
+        crop_resize(frames.astype(np.float32), CropBox(0, 0, 1, 1), 32, 48)
+
+
+def test_crop_resize_is_antialiased():
+    frames = np.zeros((1, 96, 64, 3), np.uint8)
+    frames[:, :, ::2] = 255  # one-pixel stripes: a plain subsample would alias to all 0 or all 255
+    out = crop_resize(frames, CropBox(0, 0, 1, 1), 16, 24).float()
+    assert (out - 127.5).abs().max() < 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand masks
+
+
+def test_pitfall_17_low_confidence_box_never_lowers_an_overlapping_confident_one():
+    """Pitfall 17: the seed assigned mask values, so the box drawn last won."""
+    box = CropBox(0, 0, 1, 1)
+    confident, weak = ([[0.2, 0.2], [0.6, 0.6]], 0.9), ([[0.4, 0.4], [0.8, 0.8]], 0.2)
+    for order in ((confident, weak), (weak, confident)):
+        mask = hands_mask([hands(*order)], box, (640, 640), (64, 64), margin_px=0)[0, 0]
+        assert mask[32, 32] == HAND_WEIGHT  # about (0.51, 0.51): inside both boxes
+        assert mask[19, 19] == HAND_WEIGHT  # about (0.30, 0.30): confident box only
+        assert mask[45, 45] == 1.0  # about (0.71, 0.71): weak box only
+    assert torch.equal(mask.unique(), torch.tensor([1.0, HAND_WEIGHT]))
+
+
+def test_hand_mask_threshold_margin_and_none_frames():
+    box = CropBox(0, 0, 1, 1)
+    at_threshold = hand([[0.4, 0.4], [0.6, 0.6]], 0.5)  # mean score must *exceed* 0.5
+    above = hand([[0.4, 0.4], [0.6, 0.6]], 0.51)
+    mask = hands_mask([at_threshold, above, None], box, (100, 100), (100, 100))
+    assert (mask[0] == 1).all() and (mask[2] == 1).all()
+    assert mask[1, 0, 50, 50] == HAND_WEIGHT == 1 + 4 * 0.8
+    row = mask[1, 0, 50]  # 10-pixel margin at source resolution (100 px): box spans x in [30, 70]
+    inside = torch.nonzero(row > 1).flatten()
+    assert inside.min().item() == 30 and inside.max().item() == 69
+    # The margin is in *source* pixels: at 1000 px source width it is 1% of the frame.
+    row = hands_mask([above], box, (1000, 1000), (100, 100))[0, 0, 50]
+    inside = torch.nonzero(row > 1).flatten()
+    assert inside.min().item() == 39 and inside.max().item() == 60
+
+
+def test_hand_mask_follows_the_crop_window():
+    detections = [hand([[0.0, 0.0], [0.25, 0.25]], 0.9)]
+    full = hands_mask(detections, CropBox(0, 0, 1, 1), (400, 400), (40, 40), margin_px=0)[0, 0]
+    right = hands_mask(detections, CropBox(0.5, 0, 1, 1), (400, 400), (40, 40), margin_px=0)[0, 0]
+    assert full[:10, :10].eq(HAND_WEIGHT).all() and full[20:, 20:].eq(1).all()
+    assert right.eq(1).all()  # the hand is outside the right half
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference augmentation
+
+
+def test_augment_reference_is_seeded_and_bounded():
+    image = torch.rand(3, 48, 32, generator=gen(1))
+    a, params = augment_reference(image, gen(7))
+    b, _ = augment_reference(image, gen(7))
+    c, _ = augment_reference(image, gen(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == image.shape and a.min() >= 0 and a.max() <= 1
+    assert 0.9 <= params["zoom"] <= 1.1 and abs(params["shift_x"]) <= 0.05
+    identity, _ = augment_reference(image, gen(7), scale=0, shift=0, brightness=0, contrast=0, saturation=0)
+    assert torch.allclose(identity, image, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+
+
+def test_sample_shapes_ranges_and_metadata(dataset_dir):
+    ds = ClipDataset(dataset_dir / "meta_info.json", width=64, height=96, sample_n_frames=8, interval_frame=3)
+    assert len(ds) == 3
+    s = ds[1]
+    assert s["pixel_values"].shape == (8, 3, 96, 64) and s["pixel_values"].dtype == torch.float32
+    assert s["guide_values"].shape == (8, 3, 96, 64)
+    assert s["reference_image"].shape == (3, 96, 64)
+    assert s["hands_mask"].shape == (8, 1, 96, 64)
+    assert -1 <= s["pixel_values"].min() and s["pixel_values"].max() <= 1
+    assert 0 <= s["guide_values"].min() and s["guide_values"].max() <= 1
+    assert s["video_path"].endswith("clip1.mp4") and s["index"] == 1
+    assert s["frame_indices"][0] == s["reference_index"]
+    assert torch.equal(s["reference_image"], s["pixel_values"][0])
+
+
+def test_returned_frames_are_the_frames_named_by_frame_indices(dataset_dir):
+    """The RGB and pose frames are the sampled source frames, reference first, in clip order."""
+    ds = ClipDataset(dataset_dir / "meta_info.json", width=64, height=96, sample_n_frames=8, interval_frame=3)
+    for index in range(3):
+        s = ds[index]
+        expected = s["frame_indices"].tolist()
+        assert [decode_index((f + 1) / 2) for f in s["pixel_values"]] == expected
+        assert [decode_index(f) for f in s["guide_values"]] == expected
+        assert np.all(np.diff(expected[1:]) == 3)
+
+
+def test_one_get_batch_per_video_per_clip(dataset_dir, monkeypatch):
+    calls = []
+
+    class CountingReader:
+        def __init__(self, reader):
+            self.reader = reader
+
+        def __len__(self):
+            return len(self.reader)
+
+        def get_batch(self, indices):
+            calls.append(list(indices))
+            return self.reader.get_batch(indices)
+
+        def __getitem__(self, i):
+            raise AssertionError("per-frame read")
+
+    real_open = cnx.video.open_video
+    monkeypatch.setattr(cnx.video, "open_video", lambda path: CountingReader(real_open(path)))
+    ds = ClipDataset(dataset_dir / "meta_info.json", width=64, height=96, sample_n_frames=8, interval_frame=3)
+    ds[0]
+    assert len(calls) == 2  # RGB and pose, reference included in each
+    assert calls[0] == sorted(calls[0])  # increasing order: decord never seeks back
+
+
+def test_deterministic_mode_returns_the_same_centred_clip_every_epoch(dataset_dir):
+    ds = ClipDataset(
+        dataset_dir / "meta_info.json",
+        width=64,
+        height=64,
+        sample_n_frames=8,
+        interval_frame=0,
+        deterministic=True,
+    )
+    first = ds[2]
+    ds.set_epoch(7)
+    again = ds[2]
+    assert torch.equal(first["pixel_values"], again["pixel_values"])
+    assert torch.equal(first["frame_indices"], again["frame_indices"])
+    assert torch.allclose(first["crop_box"], torch.tensor(crop_window(64, 96, 64, 64, 0.5)))
+
+
+def test_training_mode_draws_new_clips_and_crops_each_epoch(dataset_dir):
+    ds = ClipDataset(dataset_dir / "meta_info.json", width=64, height=64, sample_n_frames=8, interval_frame=3)
+    drawn = set()
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        for i in range(3):
+            s = ds[i]
+            drawn.add((i, tuple(s["frame_indices"].tolist()), round(float(s["crop_box"][1]), 4)))
+    assert len(drawn) == 12
+    assert len({y0 for _, _, y0 in drawn}) > 1  # random crop offsets in training
+
+
+def test_pitfall_19_samples_do_not_depend_on_instance_order_or_global_rng(dataset_dir):
+    """Pitfall 19: the seed shuffled meta_info per rank with no seed. Here entries keep json order and a
+    sample is a function of (seed, epoch, index) only: same on every rank and worker, any draw order."""
+    path = dataset_dir / "meta_info.json"
+    a = ClipDataset(path, width=64, height=96, sample_n_frames=8, interval_frame=0, seed=5)
+    b = ClipDataset(path, width=64, height=96, sample_n_frames=8, interval_frame=0, seed=5)
+    assert [e.video_path.name for e in a.entries] == ["clip0.mp4", "clip1.mp4", "clip2.mp4"]
+    forward = [a.sample(i, epoch=3) for i in range(3)]
+    torch.manual_seed(123)  # global RNG must not matter
+    backward = [b.sample(i, epoch=3) for i in reversed(range(3))][::-1]
+    for x, y in zip(forward, backward, strict=True):
+        assert torch.equal(x["pixel_values"], y["pixel_values"])
+        assert torch.equal(x["frame_indices"], y["frame_indices"])
+    # ... and sampling leaves the global RNGs alone.
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    a.sample(0, epoch=3)
+    assert torch.equal(before[0], torch.get_rng_state())
+    assert np.array_equal(before[1], np.random.get_state()[1]) and before[2] == random.getstate()
+    other = ClipDataset(path, width=64, height=96, sample_n_frames=8, interval_frame=0, seed=6)
+    assert any(
+        not torch.equal(other.sample(i, 3)["frame_indices"], forward[i]["frame_indices"]) for i in range(3)
+    )
+
+
+def test_pitfall_19_dataloader_workers_give_the_same_samples(dataset_dir):
+    """Pitfall 19: with workers (as on several ranks) each index still maps to one sample."""
+    ds = ClipDataset(dataset_dir / "meta_info.json", width=64, height=96, sample_n_frames=8, interval_frame=0)
+    ds.set_epoch(2)
+    in_process = [ds[i]["frame_indices"] for i in range(3)]
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2)
+    from_workers = [batch["frame_indices"][0] for batch in loader]
+    assert all(torch.equal(x, y) for x, y in zip(in_process, from_workers, strict=True))
+
+
+def test_pitfall_19_ref_augment_changes_only_the_reference_and_only_when_on(dataset_dir):
+    """Pitfall 19: the seed accepted --ref_augment and ignored it."""
+    path = dataset_dir / "meta_info.json"
+    off = ClipDataset(path, width=64, height=96, sample_n_frames=8, interval_frame=3, seed=1)
+    on = ClipDataset(path, width=64, height=96, sample_n_frames=8, interval_frame=3, seed=1, ref_augment=True)
+    for i in range(3):
+        x, y = off[i], on[i]
+        assert torch.equal(x["reference_image"], x["pixel_values"][0])
+        assert not torch.equal(y["reference_image"], y["pixel_values"][0])
+        assert y["reference_image"].min() >= -1 and y["reference_image"].max() <= 1
+        for key in ("pixel_values", "guide_values", "hands_mask", "frame_indices", "crop_box"):
+            assert torch.equal(x[key], y[key]), key
+        assert torch.equal(on[i]["reference_image"], y["reference_image"])  # seeded
+
+
+def test_pitfall_15_pose_colours_survive_video_roundtrip(tmp_path):
+    """Pitfall 15: the seed swapped channels after decord (which returns RGB): pose colours changed."""
+    colours = np.array([[255, 0, 0], [255, 170, 0], [0, 255, 85], [170, 0, 255]], np.uint8)
+    frame = np.zeros((96, 64, 3), np.uint8)
+    for k, colour in enumerate(colours):
+        frame[24 * k : 24 * (k + 1)] = colour
+    entry = write_entry(tmp_path, "colours", num_frames=10, pose=[frame] * 10, detections=False)
+    path = write_meta_info(tmp_path, [entry])
+    s = ClipDataset(path, width=64, height=96, sample_n_frames=4, interval_frame=1, deterministic=True)[0]
+    for k, colour in enumerate(colours):
+        got = s["guide_values"][:, :, 24 * k + 12, 32] * 255  # (F, 3) at the band centre, every frame
+        assert (got - torch.tensor(colour, dtype=torch.float32)).abs().max() <= 8, (colour, got[0])
+        swapped = torch.tensor(colour[::-1].copy(), dtype=torch.float32)
+        if colour[0] != colour[2]:
+            assert (got - swapped).abs().max() > 60  # a swapped channel would be far off
+
+
+def test_pitfall_18_crop_agrees_when_pose_resolution_differs(tmp_path):
+    """Pitfall 18: the seed cropped the pose video with a pixel window computed from the RGB size."""
+
+    def marked(width: int, height: int) -> np.ndarray:
+        frame = np.full((height, width, 3), 40, np.uint8)
+        frame[int(0.4 * height) : int(0.6 * height), int(0.55 * width) : int(0.8 * width)] = 255
+        return frame
+
+    box = [[0.55, 0.4], [0.8, 0.6]]
+    entry = write_entry(
+        tmp_path,
+        "marked",
+        num_frames=12,
+        size=(128, 192),
+        video=[marked(128, 192)] * 12,
+        pose=[marked(64, 96)] * 12,  # half the resolution, same field of view
+        detections=detections_json(12, hands=[(box, 0.9)]),
+    )
+    path = write_meta_info(tmp_path, [entry])
+    ds = ClipDataset(path, width=64, height=64, sample_n_frames=4, interval_frame=1)  # square: crops height
+
+    def centroid(region: torch.Tensor) -> np.ndarray:
+        ys, xs = torch.nonzero(region, as_tuple=True)
+        return np.array([ys.float().mean().item(), xs.float().mean().item()])
+
+    offsets = set()
+    for epoch in range(6):
+        s = ds.sample(0, epoch)
+        offsets.add(round(float(s["crop_box"][1]), 3))
+        rgb = centroid(s["pixel_values"][1].mean(0) > 0.3)
+        pose = centroid(s["guide_values"][1].mean(0) > 0.6)
+        mask = centroid(s["hands_mask"][1, 0] > 1)
+        assert np.abs(rgb - pose).max() <= 1.0 and np.abs(rgb - mask).max() <= 1.0, (rgb, pose, mask)
+    assert len(offsets) > 2  # the check ran at several crop positions
+
+
+def test_hands_mask_in_a_sample_has_ones_on_frame_0(tmp_path):
+    entry = write_entry(
+        tmp_path, "h", num_frames=12, detections=detections_json(12, [([[0.1, 0.1], [0.5, 0.5]], 0.8)])
+    )
+    s = ClipDataset(write_meta_info(tmp_path, [entry]), 64, 96, 4, 2)[0]
+    assert (s["hands_mask"][0] == 1).all()
+    assert all((s["hands_mask"][t] == HAND_WEIGHT).any() for t in range(1, 4))
+    no_meta = write_entry(tmp_path, "n", num_frames=12, detections=False)
+    s = ClipDataset(write_meta_info(tmp_path, [no_meta]), 64, 96, 4, 2)[0]
+    assert (s["hands_mask"] == 1).all()
+
+
+def test_pose_shorter_by_under_25_frames_limits_the_clip(tmp_path):
+    entry = write_entry(tmp_path, "gap", num_frames=34, pose_frames=12)  # 22 apart: allowed
+    ds = ClipDataset(write_meta_info(tmp_path, [entry]), 64, 96, sample_n_frames=4, interval_frame=3)
+    for epoch in range(10):
+        assert ds.sample(0, epoch)["frame_indices"].max() < 12
+    far = write_entry(tmp_path, "far", num_frames=37, pose_frames=12)  # 25 apart: an error
+    with pytest.raises(DataCheckError, match=r"entry 0 \(.*far\.mp4\): pose video has 12 frames"):
+        ClipDataset(write_meta_info(tmp_path, [far]), 64, 96, sample_n_frames=4, interval_frame=3)
+    ds = ClipDataset(write_meta_info(tmp_path, [far]), 64, 96, 4, 3, check=False)
+    with pytest.raises(SampleError, match="pose video has 12 frames, video has 37"):
+        ds[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and failures (pitfall 16)
+
+
+def test_pitfall_16_no_bare_except_in_the_data_path():
+    """Pitfall 16: a bare except around the sample silently resampled another video."""
+    for name in ("data.py", "meta.py", "checks.py"):
+        tree = ast.parse((CNX / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ExceptHandler):
+                assert node.type is not None, f"bare except in cnx/{name}:{node.lineno}"
+                caught = ast.unparse(node.type)
+                assert "BaseException" not in caught and caught != "Exception", f"cnx/{name}:{node.lineno}"
+
+
+def test_pitfall_16_construction_fails_fast_listing_every_bad_entry(tmp_path):
+    """Pitfall 16: problems are reported up front with the entry and file, not hidden."""
+    good = write_entry(tmp_path, "good", num_frames=20)
+    short = write_entry(tmp_path, "short", num_frames=5)
+    missing = {"video_path": "videos/nope.mp4", "guide_path": "poses/good.mp4"}
+    path = write_meta_info(tmp_path, [good, short, missing, {"video_path": "videos/good.mp4"}])
+    with pytest.raises(DataCheckError) as info:
+        ClipDataset(path, 64, 96, sample_n_frames=8, interval_frame=2)
+    lines = str(info.value).splitlines()
+    assert any(line.startswith("entry 1 (") and "short.mp4): only 5 usable frames" in line for line in lines)
+    assert any(line.startswith("entry 2 (") and "video does not exist" in line for line in lines)
+    assert any(line.startswith("entry 3 (") and "missing key 'guide_path'" in line for line in lines)
+    assert not any(line.startswith("entry 0 ") for line in lines)
+    assert lines[-1].endswith("3 bad entries")
+
+
+def test_pitfall_16_a_file_failing_during_training_raises_sample_error_naming_it(tmp_path):
+    """Pitfall 16: a failed sample raises (SampleError) instead of quietly becoming another video."""
+    path = write_dataset(tmp_path, num_entries=3, num_frames=20)
+    ds = ClipDataset(path, 64, 96, sample_n_frames=4, interval_frame=2)
+    (tmp_path / "videos" / "clip1.mp4").unlink()
+    (tmp_path / "poses" / "clip2.mp4").write_bytes(b"not a video")
+    ds[0]  # untouched entries still work
+    with pytest.raises(SampleError, match=r"entry 1 \(.*clip1\.mp4\): cannot open video") as info:
+        ds[1]
+    assert info.value.index == 1 and info.value.path.endswith("clip1.mp4")
+    with pytest.raises(SampleError, match=r"entry 2 \(.*clip2\.mp4\)"):
+        ds[2]
+    (tmp_path / "meta" / "clip0.json").write_text('[{"boxes": [')  # truncated json
+    with pytest.raises(SampleError, match=r"clip0\.json: cannot read detection json"):
+        ds[0]
+
+
+def test_pitfall_16_corrupt_stream_raises_sample_error(tmp_path):
+    """Pitfall 16: decord's DECORDError (not a RuntimeError) on a corrupt stream becomes a SampleError."""
+    entry = write_entry(tmp_path, "noisy", num_frames=30, video=noise_frames(30), detections=False)
+    ds = ClipDataset(write_meta_info(tmp_path, [entry]), 64, 96, sample_n_frames=8, interval_frame=3)
+    corrupt_middle(tmp_path / "videos" / "noisy.mp4")
+    with pytest.raises(SampleError, match=r"entry 0 \(.*noisy\.mp4\): cannot decode frames"):
+        ds[0]
+
+
+def test_failure_budget_counts_and_stops_past_the_fraction():
+    budget = FailureBudget(max_fraction=0.01, min_samples=100)
+    budget.success(50)
+    budget.failure(SampleError("entry 3 (a.mp4): cannot open video"))  # 1 <= 1% of max(51, 100)
+    assert budget.seen == 51 and budget.failures == ["entry 3 (a.mp4): cannot open video"]
+    budget.success(148)
+    budget.failure(SampleError("entry 9 (b.mp4): cannot open video"))  # 2 <= 2.00
+    with pytest.raises(TooManyFailures) as info:
+        budget.failure(SampleError("entry 4 (c.mp4): cannot decode frames"))  # 3 > 2.01
+    message = str(info.value)
+    assert "3 of 201 samples failed" in message
+    assert all(name in message for name in ("a.mp4", "b.mp4", "c.mp4"))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_pitfall_16_loader_wrapper_counts_failures_across_workers(tmp_path, num_workers):
+    """Pitfall 16: failures reach the training loop with their type and path, also from worker processes."""
+    path = write_dataset(tmp_path, num_entries=4, num_frames=12)
+    ds = ClipDataset(path, 64, 96, sample_n_frames=4, interval_frame=1, max_failure_fraction=0.3)
+    (tmp_path / "videos" / "clip2.mp4").unlink()
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=num_workers)
+    budget = ds.failure_budget(min_samples=4)  # allows 0.3 * 4 = 1.2 failures
+    batches = list(iterate_with_budget(loader, budget))
+    assert [b["index"].item() for b in batches] == [0, 1, 3]
+    assert budget.seen == 4 and len(budget.failures) == 1 and "clip2.mp4" in budget.failures[0]
+    strict = FailureBudget(max_fraction=0.1, min_samples=1)
+    with pytest.raises(TooManyFailures, match="clip2.mp4"):
+        list(iterate_with_budget(loader, strict))
+    start = time.perf_counter()
+    gc.collect()  # no reference cycle left holding the stopped loader: nothing waits for workers here
+    assert time.perf_counter() - start < 2.0
+
+
+def test_loader_wrapper_lets_bugs_through():
+    def broken():
+        yield {"x": 1}
+        raise TypeError("a bug, not bad data")
+
+    budget = FailureBudget()
+    with pytest.raises(TypeError):
+        list(iterate_with_budget(broken(), budget))
+    assert budget.seen == 1 and not budget.failures
