@@ -85,6 +85,19 @@ def _resolve(base: Path, value: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _read_json_list(path: Path, what: str, expected: str) -> list:
+    """The json list in `path`; MetaInfoError naming the file when it is missing, unreadable or not a list."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MetaInfoError(f"{path}: {what} json does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MetaInfoError(f"{path}: cannot read {what} json: {err}") from err
+    if not isinstance(data, list):
+        raise MetaInfoError(f"{path}: {expected}, got {type(data).__name__}")
+    return data
+
+
 def parse_meta_info(path: str | Path) -> tuple[list[MetaEntry], list[Problem]]:
     """Entries of a meta_info.json plus the problems of its shape and keys.
 
@@ -93,14 +106,7 @@ def parse_meta_info(path: str | Path) -> tuple[list[MetaEntry], list[Problem]]:
     A file that is not a json list raises MetaInfoError: nothing in it can be used.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MetaInfoError(f"{path}: meta_info file does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MetaInfoError(f"{path}: cannot read meta_info json: {err}") from err
-    if not isinstance(data, list):
-        raise MetaInfoError(f"{path}: meta_info must be a json list of entries, got {type(data).__name__}")
+    data = _read_json_list(path, "meta_info", "meta_info must be a json list of entries")
     base = path.resolve().parent
     entries, problems = [], []
     for i, item in enumerate(data):
@@ -167,14 +173,7 @@ def _boxes(value, where: str) -> np.ndarray:
 def read_detections(path: str | Path) -> list[FrameDetections]:
     """Per-frame detections of one video; raises MetaInfoError naming the file and frame on bad shape."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MetaInfoError(f"{path}: detection json does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MetaInfoError(f"{path}: cannot read detection json: {err}") from err
-    if not isinstance(data, list):
-        raise MetaInfoError(f"{path}: detections must be a json list with one object per frame")
+    data = _read_json_list(path, "detection", "detections must be a json list with one object per frame")
     frames = []
     for t, item in enumerate(data):
         where = f"{path}: frame {t}"
