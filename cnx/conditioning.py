@@ -24,13 +24,13 @@ to the sampler and is guarded there.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 
 from cnx.controlnext import DEFAULT_CONTROL_SCALE
 from cnx.edm import append_dims, gaussian_noise
+from cnx.seeding import stream_generator
 
 # SVD-xt's micro-conditioning defaults (StableVideoDiffusionPipeline's own defaults).
 DEFAULT_FPS = 7  # frames per second of the clip; SVD was conditioned on fps - 1, so 6 is passed
@@ -48,27 +48,15 @@ DEFAULT_REFERENCE_LATENT_DROPOUT_PROB = 0.05  # the reference latent alone
 # ---------------------------------------------------------------------------
 
 
-def derive_seed(seed: int, rank: int, stream: str = "train") -> int:
-    """A 63-bit seed for (seed, rank, stream): the first 8 bytes of sha256("cnx:{stream}:{seed}:{rank}").
-
-    Hashing instead of seed + rank keeps neighbouring runs apart (seed 1 rank 0
-    is not seed 0 rank 1) and lets one rank hold several independent streams
-    (dropout and noise in "train", another for data loading) from one --seed.
-    """
-    digest = hashlib.sha256(f"cnx:{stream}:{int(seed)}:{int(rank)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 def rank_generator(seed: int, rank: int, device: str | torch.device = "cpu", stream: str = "train"):
-    """A torch.Generator on `device` seeded by `derive_seed(seed, rank, stream)`.
+    """One rank's generator: the (stream, seed, rank) stream of `cnx.seeding`.
 
     The same (seed, rank, stream) always gives the same stream; another rank or
-    another --seed gives another. Everything random in a training step draws
-    from this generator, never from torch's global one.
+    another --seed gives another, and one rank can hold several independent
+    streams (dropout and noise in "train", another for data loading). Everything
+    random in a training step draws from this generator, never from torch's global one.
     """
-    generator = torch.Generator(device=device)
-    generator.manual_seed(derive_seed(seed, rank, stream))
-    return generator
+    return stream_generator(stream, seed, rank, device=device)
 
 
 # ---------------------------------------------------------------------------

@@ -4,7 +4,7 @@ The pieces are pure functions (frame indices, crop window, hand mask, reference
 augmentation) so a notebook can call and plot each one; `ClipDataset` composes them.
 
 Randomness. Every random choice of a sample comes from its own `torch.Generator`
-seeded by `sample_seed(seed, epoch, index)`: a hash of the three numbers, so
+seeded by `sample_generator(seed, epoch, index)`: a hash of the three numbers, so
 the sample does not depend on which DataLoader worker or which rank draws it,
 on the order samples are drawn, or on any global RNG. The index is the global
 position in meta_info.json (a DistributedSampler hands out global indices), so
@@ -21,7 +21,6 @@ seen have failed.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 from cnx.checks import DECODE_ERRORS, MAX_LENGTH_GAP, DataCheckError, entry_problems
 from cnx.meta import FrameDetections, MetaEntry, MetaInfoError, Problem, parse_meta_info, read_detections
+from cnx.seeding import stream_generator
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +48,9 @@ HAND_MARGIN_PX = 10  # hand boxes grow by this many pixels of the source video o
 # Randomness
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one sample's generator: the first 8 bytes of blake2b("cnx-data:{seed}:{epoch}:{index}").
-
-    A cryptographic hash rather than `seed + index`, so neighbouring samples and
-    epochs get unrelated streams; 63 bits so it fits torch's manual_seed.
-    """
-    digest = hashlib.blake2b(f"cnx-data:{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """A CPU generator for one sample (see `sample_seed`)."""
-    return torch.Generator().manual_seed(sample_seed(seed, epoch, index))
+    """A CPU generator for one sample: the ("data", seed, epoch, index) stream of `cnx.seeding`."""
+    return stream_generator("data", seed, epoch, index)
 
 
 def _randint(generator: torch.Generator, low: int, high: int) -> int:
@@ -575,5 +565,4 @@ __all__ = [
     "sample_frame_indices",
     "sample_generator",
     "sample_reference_index",
-    "sample_seed",
 ]
