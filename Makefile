@@ -20,6 +20,7 @@ venv: $(BIN)/cnx
 demo: venv
 	$(BIN)/cnx tiny-model .cache/demo/tiny-svd
 	$(BIN)/cnx samples .cache/demo/samples
+	$(BIN)/cnx check-data --meta_info_path .cache/demo/samples/meta_info.json --quiet
 	@echo "demo: stand-in SVD in .cache/demo/tiny-svd, synthetic dancers in .cache/demo/samples"
 
 lint: venv

@@ -189,7 +189,7 @@ def test_same_seed_same_bytes_different_seed_different(tmp_path):
 
 def test_cli_writes_and_says_where(tmp_path, capsys):
     out = tmp_path / "mine"
-    args = ["samples", str(out), "--seed", "3", "--num-clips", "1", "--num-frames", "3"]
+    args = ["samples", str(out), "--seed", "3", "--num_clips", "1", "--num_frames", "3"]
     assert cli.main(args + ["--width", "64", "--height", "96"]) == 0
     printed = capsys.readouterr().out
     assert str(out / "meta_info.json") in printed and str(out / "validation") in printed
