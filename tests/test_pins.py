@@ -39,10 +39,11 @@ def parse_pins(requirements):
     return pins
 
 
-def pyproject_pins():
+def pyproject_pins(*extras):
+    """Pins of the dependencies plus the named extras (default: the `dev` extra that the venv installs)."""
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    extras = [req for group in project["optional-dependencies"].values() for req in group]
-    return parse_pins(project["dependencies"] + extras)
+    groups = project["optional-dependencies"]
+    return parse_pins(project["dependencies"] + [req for name in extras or ("dev",) for req in groups[name]])
 
 
 def environment_pins():
@@ -62,6 +63,11 @@ def test_every_required_package_is_pinned_and_torchvision_is_not():
     assert REQUIRED <= set(pins), sorted(REQUIRED - set(pins))
     assert pins["torch"] == "2.13.0"
     assert "torchvision" not in pins
+
+
+def test_optional_extras_are_pinned_too():
+    pins = pyproject_pins("pose")
+    assert {"rtmlib", "onnxruntime"} <= set(pins)
 
 
 def test_the_installed_environment_matches_the_pins():

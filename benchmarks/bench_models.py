@@ -1,0 +1,89 @@
+"""The tiny stand-in SVD and ControlNeXt on CPU: build time, size, forward and training-step times.
+
+    .venv/bin/python benchmarks/bench_models.py [--threads 2] [--repeats 15]
+
+Targets (issue figures): the stand-in folder under 20 MB and built in under 30 s;
+one UNet forward on 8 frames at 64x96 pixels well under a second. The baseline
+for ControlNeXt's cost is the plain UNet measured in the same run: the ratio says
+what the control adds to a forward and to a forward+backward step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cnx.controlnext import ControlNeXt, ControlNeXtSVD, controlnext_config_for, count_parameters
+from cnx.tiny import folder_size, write_tiny_svd
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--repeats", type=int, default=15, help="timed repeats per measurement (median)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="cnx-bench-") as tmp:
+        start = time.perf_counter()
+        folder = write_tiny_svd(Path(tmp) / "tiny-svd")
+        build_s = time.perf_counter() - start
+        size_mb = folder_size(folder) / 1e6
+        from diffusers import UNetSpatioTemporalConditionModel
+
+        unet = UNetSpatioTemporalConditionModel.from_pretrained(folder, subfolder="unet")
+
+    torch.manual_seed(0)
+    controlnext = ControlNeXt(**controlnext_config_for(unet.config.block_out_channels[0]))
+    model = ControlNeXtSVD(unet, controlnext)
+    latents = torch.randn(1, 8, 8, 12, 8)  # (B, F, noisy + reference latent channels, 96/8, 64/8)
+    pose_frames = torch.rand(1, 8, 3, 96, 64)  # (B, F, 3, H, W)
+    timestep = torch.tensor([0.25])
+    embeddings = torch.randn(1, 1, unet.config.cross_attention_dim)
+    time_ids = torch.tensor([[6.0, 127.0, 0.02]])
+
+    def forward(control: bool):
+        poses = pose_frames if control else None
+        return model(latents, timestep, embeddings, time_ids, pose_frames=poses).sample
+
+    def step(control: bool):
+        model.zero_grad(set_to_none=True)
+        forward(control).square().mean().backward()
+
+    with torch.no_grad():
+        fwd_plain = median_seconds(lambda: forward(False), args.repeats)
+        fwd_control = median_seconds(lambda: forward(True), args.repeats)
+    step_plain = median_seconds(lambda: step(False), args.repeats)
+    step_control = median_seconds(lambda: step(True), args.repeats)
+
+    print(f"torch threads: {args.threads}; latents (1, 8, 8, 12, 8) = 8 frames at 64x96 pixels")
+    print(f"stand-in SVD folder: {size_mb:.1f} MB (target < 20), built in {build_s:.1f} s (target < 30)")
+    print(f"parameters: UNet {count_parameters(unet):,}, ControlNeXt {count_parameters(controlnext):,}")
+    print(f"{'':<28}{'plain UNet':>12}{'+ ControlNeXt':>15}{'ratio':>8}")
+    for name, plain, control in (
+        ("forward (no grad)", fwd_plain, fwd_control),
+        ("forward + backward", step_plain, step_control),
+    ):
+        print(f"{name:<28}{plain * 1e3:>10.1f}ms{control * 1e3:>13.1f}ms{control / plain:>7.2f}x")
+    verdict = "met" if fwd_plain < 1.0 else "NOT met"
+    print(f"UNet forward under 1 s: {verdict} ({fwd_plain * 1e3:.0f} ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
