@@ -240,7 +240,7 @@ def denoising_loss(
 
     `hand_mask` is a pixel-size *weight map* broadcastable to the latents after
     pooling, e.g. (B, F, 1, H, W) for (B, F, C, h, w) latents: 1 away from
-    hands, larger on hands (the data pipeline's 1 + 4 * score), so small hands
+    hands, larger on hands (the data pipeline's 1 + 4 * 0.8 = 4.2), so small hands
     count more than their area. None weighs every position 1.
     """
     if denoised.shape != latents.shape:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ PROFILES = {
     "full": Profile(
         name="full",
         pretrained_model_name_or_path="stabilityai/stable-video-diffusion-img2vid-xt-1-1",
-        meta_info_path=os.environ.get("CNX_META_INFO", str(DATA_SAMPLES / "meta_info.json")),
+        meta_info_path=str(DATA_SAMPLES / "meta_info.json"),
         validation_image_folder=str(_VALIDATION / "ground_truth"),
         validation_control_folder=str(_VALIDATION / "pose"),
         validation_image=str(_VALIDATION / "reference_image.png"),
@@ -67,11 +67,14 @@ PROFILES = {
 
 
 def get_profile(name: str | None = None) -> Profile:
-    """The named profile, else `$CNX_PROFILE`, else `tiny`."""
+    """The named profile, else `$CNX_PROFILE`, else `tiny`; `$CNX_META_INFO` points it at your own data."""
     name = name or os.environ.get("CNX_PROFILE", "tiny")
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
-    return PROFILES[name]
+    profile = PROFILES[name]
+    if os.environ.get("CNX_META_INFO"):
+        profile = replace(profile, meta_info_path=os.environ["CNX_META_INFO"])
+    return profile
 
 
 def ensure_model(profile: Profile, seed: int = 0) -> Profile:

@@ -55,44 +55,46 @@ def build_tiny_components(seed: int = 0, unet_width: int = 32, vae_width: int = 
     embed_dim = unet_width  # CLIP image embedding size == the UNet's cross-attention width
     time_id_dim = 32  # per added time id (SVD: 256); 3 ids: fps, motion bucket, noise augmentation
 
-    torch.manual_seed(seed)
-    unet = UNetSpatioTemporalConditionModel(
-        sample_size=12,
-        in_channels=8,  # noisy latents (4) + reference image latents (4)
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-        block_out_channels=(unet_width, 2 * unet_width),
-        addition_time_embed_dim=time_id_dim,
-        projection_class_embeddings_input_dim=3 * time_id_dim,
-        layers_per_block=1,
-        cross_attention_dim=embed_dim,
-        num_attention_heads=(unet_width // 16, unet_width // 8),
-        num_frames=num_frames,
-    )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKLTemporalDecoder(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # three downsamples: factor 8 as in SVD
-        block_out_channels=(vae_width,) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        sample_size=96,
-        scaling_factor=0.18215,
-    )
-    torch.manual_seed(seed + 2)
-    image_encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=embed_dim,
-            intermediate_size=2 * embed_dim,
-            projection_dim=embed_dim,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=224,  # the SVD pipeline always resizes the reference to 224x224
-            patch_size=32,
+    # Seed each component on its own, inside fork_rng so the caller's global RNG is left as it was.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNetSpatioTemporalConditionModel(
+            sample_size=12,
+            in_channels=8,  # noisy latents (4) + reference image latents (4)
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+            block_out_channels=(unet_width, 2 * unet_width),
+            addition_time_embed_dim=time_id_dim,
+            projection_class_embeddings_input_dim=3 * time_id_dim,
+            layers_per_block=1,
+            cross_attention_dim=embed_dim,
+            num_attention_heads=(unet_width // 16, unet_width // 8),
+            num_frames=num_frames,
         )
-    )
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKLTemporalDecoder(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,  # three downsamples: factor 8 as in SVD
+            block_out_channels=(vae_width,) * 4,
+            layers_per_block=1,
+            latent_channels=4,
+            sample_size=96,
+            scaling_factor=0.18215,
+        )
+        torch.manual_seed(seed + 2)
+        image_encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=embed_dim,
+                intermediate_size=2 * embed_dim,
+                projection_dim=embed_dim,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=224,  # the SVD pipeline always resizes the reference to 224x224
+                patch_size=32,
+            )
+        )
     scheduler = EulerDiscreteScheduler(**SVD_XT_SCHEDULER_CONFIG)
     return unet, vae, image_encoder, scheduler
 

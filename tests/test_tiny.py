@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import CLIPVisionModelWithProjection
 
 from cnx.cli import main as cli_main
-from cnx.tiny import SVD_XT_SCHEDULER_CONFIG, folder_size, write_tiny_svd
+from cnx.tiny import SVD_XT_SCHEDULER_CONFIG, build_tiny_components, folder_size, write_tiny_svd
 
 LAYOUT = ["model_index.json", "unet", "vae", "image_encoder", "feature_extractor", "scheduler"]
 
@@ -73,6 +73,14 @@ def test_same_seed_gives_byte_identical_weights(tiny_dir, tmp_path):
     assert digests(again) == digests(tiny_dir)
     weights = "unet/diffusion_pytorch_model.safetensors"
     assert digests(other)[weights] != digests(tiny_dir)[weights]
+
+
+def test_building_leaves_the_callers_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_tiny_components(seed=5)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_unet_width_is_a_parameter(tmp_path):
