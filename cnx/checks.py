@@ -8,7 +8,8 @@ Two depths:
 - cheap (what `cnx.data.ClipDataset` runs when it is built): meta_info json
   shape and keys, files exist, frame counts from the container's metadata
   (PyAV reads the mp4 index, nothing is decoded), pose/RGB counts within 25,
-  each video long enough for the clip;
+  each video long enough for the clip, pose and RGB videos of the same aspect
+  ratio (within 1%);
 - full (the default of `check-data`): also decodes the first and last frame
   of both videos with decord (the reader training uses), and checks the
   per-frame detection json: it covers every frame, box coordinates are
@@ -33,6 +34,10 @@ MAX_LENGTH_GAP = 25  # pose and RGB frame counts must differ by fewer than this 
 # a gross overhang (pixel coordinates, swapped axes) is an error. Hand boxes feed
 # the loss mask and must lie inside the frame.
 PERSON_BOX_OVERHANG = 0.25
+# The crop window is shared by the RGB and the pose video in normalised coordinates, which cuts the
+# same content out of both only when they show the same field of view: equal aspect ratios. Pose
+# videos may have another resolution; rounding to even sizes moves the aspect by well under 1%.
+MAX_ASPECT_GAP = 0.01
 
 
 # What decord raises for unreadable files (RuntimeError) and corrupt streams (DECORDError, which is
@@ -96,11 +101,38 @@ def decode_info(path: str | Path) -> VideoInfo:
     return VideoInfo(num_frames=num_frames, width=frames.shape[2], height=frames.shape[1])
 
 
-def max_interval_for(num_frames: int, sample_n_frames: int) -> int:
-    """Largest spacing whose clip fits in `num_frames` (the seed's spacing shrinks to this)."""
+def clip_span(sample_n_frames: int, interval: int) -> int:
+    """Frames covered by a clip from its first to its last frame."""
+    return (sample_n_frames - 1) * interval + 1
+
+
+def fitted_interval(video_length: int, sample_n_frames: int, interval: int) -> int:
+    """The spacing actually used: `interval`, shrunk until the clip fits in the video.
+
+    Lives here rather than in `cnx.data` so that check-data's warning and the
+    dataset's sampling use one rule (`cnx.data` imports this module, not the reverse).
+    """
     if sample_n_frames <= 1:
-        return max(num_frames, 1)
-    return max((num_frames - 1) // (sample_n_frames - 1), 0)
+        return interval
+    return max(1, min(interval, (video_length - 1) // (sample_n_frames - 1)))
+
+
+def aspect_problem(video_size: tuple[int, int], pose_size: tuple[int, int]) -> str | None:
+    """Why a pose video of `pose_size` (width, height) cannot guide a video of `video_size`, or None.
+
+    Their aspect ratios must agree within MAX_ASPECT_GAP: the crop window is in
+    normalised coordinates, right for both only when they frame the same view.
+    """
+    (width, height), (pose_width, pose_height) = video_size, pose_size
+    aspect, pose_aspect = width / height, pose_width / pose_height
+    gap = abs(pose_aspect / aspect - 1.0)
+    if gap <= MAX_ASPECT_GAP:
+        return None
+    return (
+        f"pose video is {pose_width}x{pose_height} (aspect {pose_aspect:.3f}), video is {width}x{height} "
+        f"(aspect {aspect:.3f}): aspect ratios differ by {gap:.1%} (at most {MAX_ASPECT_GAP:.0%}), "
+        "so they do not show the same field of view and one crop window cannot fit both"
+    )
 
 
 def detection_problems(
@@ -177,11 +209,14 @@ def entry_problems(
                 f"they differ by {gap} (must be under {MAX_LENGTH_GAP})"
             )
         )
+    mismatch = aspect_problem((video.width, video.height), (pose.width, pose.height))
+    if mismatch is not None:
+        problems.append(problem(mismatch))
     usable = min(video.num_frames, pose.num_frames)
     if usable < sample_n_frames:
         problems.append(problem(f"only {usable} usable frames, fewer than sample_n_frames={sample_n_frames}"))
-    elif interval_frame > 0 and max_interval_for(usable, sample_n_frames) < interval_frame:
-        shrunk = max_interval_for(usable, sample_n_frames)
+    elif interval_frame > 0 and fitted_interval(usable, sample_n_frames, interval_frame) < interval_frame:
+        shrunk = fitted_interval(usable, sample_n_frames, interval_frame)
         problems.append(
             problem(
                 f"{usable} usable frames are too few for {sample_n_frames} frames at interval "
@@ -218,6 +253,7 @@ class CheckReport:
     meta_info_path: Path
     num_entries: int
     problems: list[Problem] = field(default_factory=list)
+    entries: list[MetaEntry] = field(default_factory=list)  # those whose json shape and keys are right
 
     @property
     def errors(self) -> list[Problem]:
@@ -243,6 +279,7 @@ class CheckReport:
         return text + (f" ({warnings} warnings)" if warnings else "")
 
     def raise_if_bad(self) -> None:
+        """DataCheckError with one line per error, then the summary: the lines check-data prints."""
         if not self.ok:
             lines = [str(p) for p in self.errors]
             raise DataCheckError("\n".join(lines + [self.summary()]))
@@ -256,8 +293,12 @@ def check_meta_info(
     height: int | None = None,
     decode: bool = True,
     progress: bool = False,
+    files: bool = True,
 ) -> CheckReport:
-    """Check every entry of a meta_info.json (cheap checks only when `decode` is False)."""
+    """Check every entry of a meta_info.json (cheap checks only when `decode` is False).
+
+    `files=False` checks only the json's shape and keys (what `ClipDataset(check=False)` does).
+    """
     meta_info_path = Path(meta_info_path)
     try:
         entries, problems = parse_meta_info(meta_info_path)
@@ -266,15 +307,15 @@ def check_meta_info(
             meta_info_path, 0, [Problem(None, str(meta_info_path), str(err).split(": ", 1)[-1])]
         )
     num_entries = len(entries) + len({p.index for p in problems if p.index is not None and not p.warning})
-    iterator = entries
-    if progress:
+    iterator = entries if files else []
+    if progress and files:
         from tqdm.auto import tqdm
 
         iterator = tqdm(entries, desc="check-data", unit="entry", file=sys.stderr)
     for entry in iterator:
         problems += entry_problems(entry, sample_n_frames, interval_frame, width, height, decode=decode)
     problems.sort(key=lambda p: -1 if p.index is None else p.index)
-    return CheckReport(meta_info_path, num_entries, problems)
+    return CheckReport(meta_info_path, num_entries, problems, entries)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.sample_n_frames < 1:
         parser.error("--sample_n_frames must be at least 1")
+    if args.width is None and args.height is not None:
+        parser.error("--height needs --width too (both set the training size)")
+    if args.height is None and args.width is not None:
+        parser.error("--width needs --height too (both set the training size)")
     report = check_meta_info(
         args.meta_info_path,
         sample_n_frames=args.sample_n_frames,

@@ -32,14 +32,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnx.checks import DECODE_ERRORS, MAX_LENGTH_GAP, DataCheckError, entry_problems
-from cnx.meta import FrameDetections, MetaEntry, MetaInfoError, Problem, parse_meta_info, read_detections
+from cnx.checks import (
+    DECODE_ERRORS,
+    MAX_LENGTH_GAP,
+    aspect_problem,
+    check_meta_info,
+    clip_span,
+    fitted_interval,
+)
+from cnx.meta import HAND_THRESHOLD, FrameDetections, MetaEntry, MetaInfoError, Problem, read_detections
 from cnx.seeding import stream_generator
 
 logger = logging.getLogger(__name__)
 
 RANDOM_INTERVAL = (2, 7)  # spacing drawn per sample (inclusive) when interval_frame <= 0, as in the seed
-HAND_THRESHOLD = 0.5  # a hand counts when its mean keypoint score exceeds this
 HAND_WEIGHT = 1 + 4 * 0.8  # loss weight inside confident hand boxes (1 elsewhere)
 HAND_MARGIN_PX = 10  # hand boxes grow by this many pixels of the source video on each side
 
@@ -64,18 +70,6 @@ def _uniform(generator: torch.Generator, low: float = 0.0, high: float = 1.0) ->
 
 # ---------------------------------------------------------------------------------------------
 # Which frames
-
-
-def clip_span(sample_n_frames: int, interval: int) -> int:
-    """Frames covered by a clip from its first to its last frame."""
-    return (sample_n_frames - 1) * interval + 1
-
-
-def fitted_interval(video_length: int, sample_n_frames: int, interval: int) -> int:
-    """The spacing actually used: `interval`, shrunk until the clip fits in the video."""
-    if sample_n_frames <= 1:
-        return interval
-    return max(1, min(interval, (video_length - 1) // (sample_n_frames - 1)))
 
 
 def sample_frame_indices(
@@ -333,13 +327,17 @@ class FailureBudget:
             )
 
 
-def iterate_with_budget(loader: Iterable, budget: FailureBudget, batch_size: int = 1) -> Iterator:
+def iterate_with_budget(loader: Iterable, budget: FailureBudget, batch_size: int | None = None) -> Iterator:
     """Yield the loader's batches; a batch that raised SampleError is counted and skipped.
 
     Works with a DataLoader with or without workers: a failing sample fails its
     whole batch (`batch_size` samples are counted as seen with one failure).
+    `batch_size` defaults to the loader's own (1 for a loader without one); a
+    last, partial batch is counted as a full one.
     Only SampleError is caught; any other exception is a bug and propagates.
     """
+    if batch_size is None:
+        batch_size = getattr(loader, "batch_size", None) or 1
     iterator = iter(loader)
     while True:
         failure = None
@@ -400,7 +398,8 @@ class ClipDataset(torch.utils.data.Dataset):
     or leave persistent workers off.
 
     The cheap checks of `cnx check-data` run at construction (`check=True`) and
-    raise DataCheckError with the same one-line-per-problem messages.
+    raise DataCheckError with the same lines check-data prints: one per problem,
+    then its summary. `check=False` checks only the json's shape and keys.
     """
 
     def __init__(
@@ -424,26 +423,24 @@ class ClipDataset(torch.utils.data.Dataset):
         self.epoch = 0
         if self.sample_n_frames < 1 or self.width < 1 or self.height < 1:
             raise ValueError("width, height and sample_n_frames must be positive")
-        try:
-            entries, problems = parse_meta_info(self.meta_info_path)
-        except MetaInfoError as err:
-            raise DataCheckError(str(err)) from err
-        if check:
-            for entry in entries:
-                problems += entry_problems(entry, self.sample_n_frames, self.interval_frame)
-        errors = [p for p in problems if not p.warning]
-        if errors:
-            lines = [str(p) for p in errors]
-            bad = len({p.index for p in errors})
-            raise DataCheckError("\n".join(lines + [f"{self.meta_info_path}: {bad} bad entries"]))
-        if len(errors) < len(problems):
+        report = check_meta_info(
+            self.meta_info_path,
+            self.sample_n_frames,
+            self.interval_frame,
+            self.width,
+            self.height,
+            decode=False,
+            files=check,
+        )
+        report.raise_if_bad()  # DataCheckError
+        if report.problems:  # only warnings are left
             logger.warning(
                 "%s: %d data warnings (e.g. %s); `cnx check-data` lists them",
                 self.meta_info_path,
-                len(problems) - len(errors),
-                problems[0],
+                len(report.problems),
+                report.problems[0],
             )
-        self.entries: list[MetaEntry] = entries  # json order; never shuffled here
+        self.entries: list[MetaEntry] = report.entries  # json order; never shuffled here
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -463,9 +460,10 @@ class ClipDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         return self.sample(index)
 
-    def _error(self, index: int, message: str) -> SampleError:
-        path = str(self.entries[index].video_path)
-        return SampleError(str(Problem(index, path, message)), index=index, path=path)
+    def _error(self, index: int, message: str, path: Path | None = None) -> SampleError:
+        """A SampleError worded like check-data's lines; `path` is the file that failed (default: video)."""
+        shown = str(self.entries[index].video_path)
+        return SampleError(str(Problem(index, shown, message)), index=index, path=str(path or shown))
 
     def sample(self, index: int, epoch: int | None = None) -> dict:
         """One training sample (see the class docstring); raises SampleError when its files fail."""
@@ -475,10 +473,15 @@ class ClipDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self.entries)} entries")
         entry = self.entries[index]
         generator = self.generator(index, epoch)
-        try:
-            video_reader, pose_reader = open_video(entry.video_path), open_video(entry.guide_path)
-        except DECODE_ERRORS as err:
-            raise self._error(index, f"cannot open video: {err}") from err
+        # Each file in its own try: decord's messages do not name the file, so the message must.
+        files = (("video", entry.video_path), ("pose video", entry.guide_path))
+        readers = []
+        for what, path in files:
+            try:
+                readers.append(open_video(path))
+            except DECODE_ERRORS as err:
+                raise self._error(index, f"{what}: {path}: cannot open video: {err}", path) from err
+        video_reader, pose_reader = readers
         num_video, num_pose = len(video_reader), len(pose_reader)
         if abs(num_video - num_pose) >= MAX_LENGTH_GAP:
             raise self._error(index, f"pose video has {num_pose} frames, video has {num_video}")
@@ -497,27 +500,34 @@ class ClipDataset(torch.utils.data.Dataset):
         wanted = np.unique(clip.frame_indices)
         # wanted[order] == frame_indices
         order = torch.from_numpy(np.searchsorted(wanted, clip.frame_indices))
-        try:
-            video_frames = read_frames(video_reader, wanted.tolist())  # (U, h, w, 3) uint8 RGB
-            pose_frames = read_frames(pose_reader, wanted.tolist())  # (U, h', w', 3) uint8 RGB
-        except DECODE_ERRORS as err:
-            raise self._error(index, f"cannot decode frames {wanted.tolist()}: {err}") from err
+        decoded = []
+        for (what, path), reader in zip(files, readers, strict=True):
+            try:
+                decoded.append(read_frames(reader, wanted.tolist()))
+            except DECODE_ERRORS as err:
+                message = f"{what}: {path}: cannot decode frames {wanted.tolist()}: {err}"
+                raise self._error(index, message, path) from err
+        video_frames, pose_frames = decoded  # (U, h, w, 3) and (U, h', w', 3) uint8 RGB
+        src_height, src_width = video_frames.shape[1:3]
+        mismatch = aspect_problem((src_width, src_height), (pose_frames.shape[2], pose_frames.shape[1]))
+        if mismatch is not None:  # also caught at construction; this covers check=False
+            raise self._error(index, mismatch, entry.guide_path)
         detections = None
         if entry.meta_info is not None:
             try:
                 all_detections = cached_detections(entry.meta_info)
             except MetaInfoError as err:
-                raise self._error(index, str(err)) from err
+                raise self._error(index, str(err), entry.meta_info) from err
             if len(all_detections) <= int(clip.frame_indices.max()):
                 raise self._error(
                     index,
                     f"{entry.meta_info}: detections cover {len(all_detections)} frames, "
                     f"the clip needs frame {int(clip.frame_indices.max())}",
+                    entry.meta_info,
                 )
             detections = [all_detections[i] for i in clip.frame_indices]
             detections[0] = None  # frame 0 is the reference the model is given: no extra weight
 
-        src_height, src_width = video_frames.shape[1:3]
         box = crop_window(src_width, src_height, self.width, self.height, offset)
         pixels = crop_resize(video_frames, box, self.width, self.height)[order]  # (F, 3, H, W) uint8
         poses = crop_resize(pose_frames, box, self.width, self.height)[order]  # (F, 3, H, W) uint8
@@ -547,6 +557,8 @@ class ClipDataset(torch.utils.data.Dataset):
 
 
 __all__ = [
+    "HAND_THRESHOLD",
+    "HAND_WEIGHT",
     "ClipDataset",
     "ClipIndices",
     "CropBox",

@@ -32,6 +32,7 @@ ENTRY_KEYS = ("video_path", "guide_path")  # required in every entry
 OPTIONAL_KEYS = ("meta_info",)
 DETECTION_KEYS = ("boxes", "hands_boxes", "hands_score")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+HAND_THRESHOLD = 0.5  # a hand is confident (gets the loss weight) when its mean keypoint score exceeds this
 
 
 class MetaInfoError(ValueError):
@@ -74,7 +75,7 @@ class FrameDetections:
 
     @property
     def hands_confidence(self) -> np.ndarray:
-        """(M,) mean keypoint score per hand: what the hand mask thresholds (at 0.5)."""
+        """(M,) mean keypoint score per hand: what the hand mask compares with HAND_THRESHOLD."""
         if self.hands_score.shape[0] == 0:
             return np.zeros(0)
         return self.hands_score.mean(axis=1)

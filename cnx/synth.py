@@ -30,7 +30,6 @@ import numpy as np
 from cnx.pose import detection_entry, draw_pose
 
 SUPERSAMPLE = 2  # RGB frames are drawn at 2x and box-filtered down: smooth edges, like a camera
-HAND_SCORE_THRESHOLD = 0.5  # a hand counts as confident when its mean keypoint score exceeds this
 VALIDATION_FRAMES = 14  # the seed's validation folder holds 0.png..13.png
 VALIDATION_STRIDE = 3  # frames between validation images (the tiny profile's interval_frame)
 

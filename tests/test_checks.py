@@ -15,7 +15,8 @@ from clip_fixtures import (
     write_meta_info,
 )
 
-from cnx.checks import check_meta_info, container_info, detection_problems
+from cnx import checks, data
+from cnx.checks import aspect_problem, check_meta_info, container_info, detection_problems
 from cnx.cli import main as cnx_main
 from cnx.meta import FrameDetections
 
@@ -140,5 +141,51 @@ def test_dataset_and_check_data_report_the_same_messages(tmp_path, decode):
     report = check_meta_info(path, sample_n_frames=8, interval_frame=1, decode=decode)
     with pytest.raises(DataCheckError) as info:
         ClipDataset(path, 64, 96, sample_n_frames=8, interval_frame=1)
-    raised = str(info.value).splitlines()[:-1]
-    assert raised == [str(p) for p in report.errors]
+    assert str(info.value).splitlines() == [str(p) for p in report.errors] + [report.summary()]
+
+
+def test_pose_video_of_another_aspect_ratio_is_an_error(tmp_path, capsys):
+    """One crop window in normalised coordinates fits both videos only when they frame the same view."""
+    entries = [
+        write_entry(tmp_path, "same", num_frames=12, size=(128, 192), pose_size=(64, 96)),  # resolution only
+        write_entry(tmp_path, "square", num_frames=12, size=(128, 192), pose_size=(128, 128)),
+    ]
+    path = write_meta_info(tmp_path, entries)
+    for decode in (False, True):
+        report = check_meta_info(path, sample_n_frames=4, decode=decode)
+        assert report.bad_entries == [1]
+        assert report.errors[0].message.startswith(
+            "pose video is 128x128 (aspect 1.000), video is 128x192 (aspect 0.667): "
+            "aspect ratios differ by 50.0%"
+        )
+    assert cnx_main(["check-data", "--meta_info_path", str(path), "--quiet"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert any(
+        x.startswith(f"entry 1 ({tmp_path / 'videos' / 'square.mp4'}): pose video is 128x128") for x in lines
+    )
+
+
+def test_aspect_problem_allows_under_1_percent():
+    assert aspect_problem((1080, 1920), (512, 910)) is None  # even-size rounding: 0.02%
+    assert aspect_problem((128, 192), (130, 194)) is None  # 0.5%
+    assert aspect_problem((128, 192), (132, 194)) is not None  # 2.1%
+    assert "differ by 25.0%" in aspect_problem((1920, 1080), (1080, 810))  # 4:3 pose for a 16:9 video
+
+
+@pytest.mark.parametrize(("given", "missing"), [("--width", "--height"), ("--height", "--width")])
+def test_width_and_height_go_together(tmp_path, capsys, given, missing):
+    path = write_dataset(tmp_path, num_entries=1, num_frames=12)
+    with pytest.raises(SystemExit) as info:
+        checks.main(["--meta_info_path", str(path), given, "64", "--quiet"])
+    assert info.value.code == 2
+    assert f"{given} needs {missing} too" in capsys.readouterr().err
+
+
+def test_spacing_warning_uses_the_datasets_rule(tmp_path):
+    """check-data warns about a shrinking spacing exactly when the dataset would shrink it."""
+    assert data.fitted_interval is checks.fitted_interval and data.clip_span is checks.clip_span
+    path = write_dataset(tmp_path, num_entries=1, num_frames=12)
+    assert check_meta_info(path, sample_n_frames=1, interval_frame=50, decode=False).problems == []
+    assert data.fitted_interval(12, 1, 50) == 50  # a one-frame clip never shrinks its spacing
+    (warning,) = check_meta_info(path, sample_n_frames=4, interval_frame=5, decode=False).problems
+    assert warning.warning and f"spacing shrinks to {data.fitted_interval(12, 4, 5)}" in warning.message

@@ -453,7 +453,7 @@ def test_pitfall_16_construction_fails_fast_listing_every_bad_entry(tmp_path):
     assert any(line.startswith("entry 2 (") and "video does not exist" in line for line in lines)
     assert any(line.startswith("entry 3 (") and "missing key 'guide_path'" in line for line in lines)
     assert not any(line.startswith("entry 0 ") for line in lines)
-    assert lines[-1].endswith("3 bad entries")
+    assert lines[-1] == f"{path}: checked 4 entries, 3 bad, 1 good"  # check-data's summary line
 
 
 def test_pitfall_16_a_file_failing_during_training_raises_sample_error_naming_it(tmp_path):
@@ -463,14 +463,19 @@ def test_pitfall_16_a_file_failing_during_training_raises_sample_error_naming_it
     (tmp_path / "videos" / "clip1.mp4").unlink()
     (tmp_path / "poses" / "clip2.mp4").write_bytes(b"not a video")
     ds[0]  # untouched entries still work
-    with pytest.raises(SampleError, match=r"entry 1 \(.*clip1\.mp4\): cannot open video") as info:
+    with pytest.raises(
+        SampleError, match=r"entry 1 \(.*clip1\.mp4\): video: .*clip1\.mp4: cannot open video"
+    ) as info:
         ds[1]
-    assert info.value.index == 1 and info.value.path.endswith("clip1.mp4")
-    with pytest.raises(SampleError, match=r"entry 2 \(.*clip2\.mp4\)"):
+    assert info.value.index == 1 and info.value.path == str(tmp_path / "videos" / "clip1.mp4")
+    pose = tmp_path / "poses" / "clip2.mp4"
+    with pytest.raises(SampleError, match=r"entry 2 \(.*videos/clip2\.mp4\): pose video: ") as info:
         ds[2]
+    assert f"pose video: {pose}: cannot open video" in str(info.value) and info.value.path == str(pose)
     (tmp_path / "meta" / "clip0.json").write_text('[{"boxes": [')  # truncated json
-    with pytest.raises(SampleError, match=r"clip0\.json: cannot read detection json"):
+    with pytest.raises(SampleError, match=r"clip0\.json: cannot read detection json") as info:
         ds[0]
+    assert info.value.path == str(tmp_path / "meta" / "clip0.json")
 
 
 def test_pitfall_16_corrupt_stream_raises_sample_error(tmp_path):
@@ -478,8 +483,38 @@ def test_pitfall_16_corrupt_stream_raises_sample_error(tmp_path):
     entry = write_entry(tmp_path, "noisy", num_frames=30, video=noise_frames(30), detections=False)
     ds = ClipDataset(write_meta_info(tmp_path, [entry]), 64, 96, sample_n_frames=8, interval_frame=3)
     corrupt_middle(tmp_path / "videos" / "noisy.mp4")
-    with pytest.raises(SampleError, match=r"entry 0 \(.*noisy\.mp4\): cannot decode frames"):
+    with pytest.raises(
+        SampleError, match=r"entry 0 \(.*noisy\.mp4\): video: .*noisy\.mp4: cannot decode frames"
+    ):
         ds[0]
+
+
+def test_pitfall_16_corrupt_pose_video_is_named_as_the_pose_video(tmp_path):
+    """Pitfall 16: decord's errors do not name the file, so the sample's error must say which one failed."""
+    entry = write_entry(tmp_path, "noisy", num_frames=30, pose=noise_frames(30), detections=False)
+    ds = ClipDataset(write_meta_info(tmp_path, [entry]), 64, 96, sample_n_frames=8, interval_frame=3)
+    pose = tmp_path / "poses" / "noisy.mp4"
+    corrupt_middle(pose)
+    with pytest.raises(SampleError) as info:
+        ds[0]
+    message = str(info.value)
+    assert message.startswith(f"entry 0 ({tmp_path / 'videos' / 'noisy.mp4'}): pose video: {pose}: ")
+    assert "cannot decode frames" in message
+    assert info.value.path == str(pose) and info.value.index == 0
+
+
+def test_pose_video_with_another_aspect_ratio_fails_fast(tmp_path):
+    """The crop is shared in normalised coordinates: right only when both videos frame the same view."""
+    entry = write_entry(tmp_path, "square", num_frames=12, size=(128, 192), pose_size=(128, 128))
+    path = write_meta_info(tmp_path, [entry])
+    expected = "pose video is 128x128 (aspect 1.000), video is 128x192 (aspect 0.667)"
+    with pytest.raises(DataCheckError, match=r"entry 0 \(.*square\.mp4\): pose video is 128x128") as info:
+        ClipDataset(path, 64, 96, sample_n_frames=4, interval_frame=1)
+    assert expected in str(info.value)
+    unchecked = ClipDataset(path, 64, 96, sample_n_frames=4, interval_frame=1, check=False)
+    with pytest.raises(SampleError, match=r"aspect ratios differ by 50\.0%") as info:
+        unchecked[0]  # caught when the frames are read too
+    assert expected in str(info.value) and info.value.path == str(tmp_path / "poses" / "square.mp4")
 
 
 def test_failure_budget_counts_and_stops_past_the_fraction():
@@ -513,6 +548,21 @@ def test_pitfall_16_loader_wrapper_counts_failures_across_workers(tmp_path, num_
     start = time.perf_counter()
     gc.collect()  # no reference cycle left holding the stopped loader: nothing waits for workers here
     assert time.perf_counter() - start < 2.0
+
+
+def test_loader_wrapper_counts_the_loaders_batch_size(tmp_path):
+    """A failed batch of 2 loses 2 samples: the budget takes the batch size from the loader."""
+    path = write_dataset(tmp_path, num_entries=4, num_frames=12)
+    ds = ClipDataset(path, 64, 96, sample_n_frames=4, interval_frame=1, max_failure_fraction=0.3)
+    (tmp_path / "videos" / "clip2.mp4").unlink()
+    loader = torch.utils.data.DataLoader(ds, batch_size=2)
+    budget = ds.failure_budget(min_samples=4)
+    batches = list(iterate_with_budget(loader, budget))
+    assert [b["index"].tolist() for b in batches] == [[0, 1]]
+    assert budget.seen == 4 and len(budget.failures) == 1
+    explicit = ds.failure_budget(min_samples=4)
+    list(iterate_with_budget(loader, explicit, batch_size=3))  # an explicit size wins
+    assert explicit.seen == 6
 
 
 def test_loader_wrapper_lets_bugs_through():

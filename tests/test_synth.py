@@ -6,10 +6,10 @@ import pytest
 from PIL import Image
 
 from cnx import cli
+from cnx.meta import HAND_THRESHOLD
 from cnx.pose import draw_pose
 from cnx.profiles import DATA_SAMPLES
 from cnx.synth import (
-    HAND_SCORE_THRESHOLD,
     VALIDATION_FRAMES,
     dancer_keypoints,
     load_keypoints,
@@ -90,7 +90,7 @@ def test_detection_json_follows_the_seed_schema():
             assert [len(scores) for scores in frame["hands_score"]] == [21, 21]
             assert all(0.0 <= s <= 1.0 for scores in frame["hands_score"] for s in scores)
             hand_means += [np.mean(scores) for scores in frame["hands_score"]]
-    below = np.mean(np.array(hand_means) < HAND_SCORE_THRESHOLD)
+    below = np.mean(np.array(hand_means) < HAND_THRESHOLD)
     assert 0.05 < below < 0.6  # some hands are unsure (turned away), most are not
 
 
