@@ -12,7 +12,8 @@ The baseline is the seed's way of reading: one `vr[i]` call per frame (clip
 frames in order, then the reference) for the RGB and the pose video, then a
 float32 antialiased resize. It draws exactly the same frames, crop and mask as
 cnx (same per-sample generator), so only reading and resizing differ. cnx reads
-each video with one `get_batch` in increasing frame order and resizes uint8.
+each video with one `get_batch` in increasing frame order, has the decoder scale
+frames to about the output size, and resizes uint8.
 
 Reference figure for "fast enough": one training step of SVD-xt (21 frames,
 576x1024, batch 1 per GPU, bf16, gradient checkpointing) takes on the order of
@@ -32,7 +33,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnx.data import ClipDataset, crop_window, hands_mask, sample_clip, sample_generator
+from cnx.data import (
+    ClipDataset,
+    cached_video_size,
+    crop_window,
+    decode_size,
+    hands_mask,
+    sample_clip,
+    sample_generator,
+)
 from cnx.meta import read_detections
 from cnx.profiles import DATA_SAMPLES
 from cnx.video import open_video, read_frames, write_video
@@ -116,10 +125,15 @@ def baseline_sample(ds: ClipDataset, index: int, epoch: int, decode_only: bool =
 
 
 def cnx_decode_only(ds: ClipDataset, index: int, epoch: int) -> None:
-    """cnx's reading alone: one sorted get_batch per video (no resize, no mask)."""
+    """cnx's reading alone: one sorted get_batch per video at the decode size (no crop, mask or floats)."""
     entry = ds.entries[index]
     generator = sample_generator(ds.seed, epoch, index)
-    video, pose = open_video(entry.video_path), open_video(entry.guide_path)
+    readers = []
+    for path in (entry.video_path, entry.guide_path):
+        width, height = cached_video_size(path)
+        box = crop_window(width, height, ds.width, ds.height)
+        readers.append(open_video(path, decode_size(width, height, box, ds.width, ds.height)))
+    video, pose = readers
     clip = sample_clip(min(len(video), len(pose)), ds.sample_n_frames, ds.interval_frame, generator)
     wanted = np.unique(clip.frame_indices).tolist()
     read_frames(video, wanted), read_frames(pose, wanted)
@@ -136,7 +150,11 @@ def run_setting(name: str, ds: ClipDataset, num_clips: int) -> dict:
     """Measure cnx vs baseline on one setting; check both produce the same sample first (the warm-up)."""
     ours, theirs = ds.sample(0, 1000), baseline_sample(ds, 0, 1000)
     assert torch.equal(ours["frame_indices"], theirs["frame_indices"]), "baseline drew different frames"
-    assert (ours["pixel_values"] - theirs["pixel_values"]).abs().max() < 0.02, "baseline differs from cnx"
+    # cnx scales inside the decoder (swscale), the baseline resizes full frames (torch): other filters,
+    # a few grey levels apart on average.
+    assert (ours["pixel_values"] - theirs["pixel_values"]).abs().mean() < 4 / 127.5, (
+        "baseline differs from cnx"
+    )
     assert torch.equal(ours["hands_mask"], theirs["hands_mask"]), "baseline mask differs from cnx"
     n = len(ds)
     result = {
@@ -207,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target >= 2x the baseline, {r['setting'].split(',')[0]}: {verdict} ({r['ratio']:.1f}x)")
     print(
         "(where read-only speeds are close, H.264 decoding of the clip's span dominates: both ways\n"
-        " decode the same frames; cnx saves the seek back for the reference and the float32 resize)"
+        " decode the same frames; cnx saves the seek back for the reference, scales inside the decoder\n"
+        " and resizes uint8 instead of float32)"
     )
     print(f"benchmark ran in {time.perf_counter() - started:.0f} s")
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from cnx.checks import (
     aspect_problem,
     check_meta_info,
     clip_span,
+    container_info,
     fitted_interval,
 )
 from cnx.meta import HAND_THRESHOLD, FrameDetections, MetaEntry, MetaInfoError, Problem, read_detections
@@ -162,6 +164,25 @@ def crop_window(src_width: int, src_height: int, width: int, height: int, offset
     h = src_aspect / aspect  # source is taller (or equal): crop top/bottom
     y0 = offset * (1.0 - h)
     return CropBox(0.0, y0, 1.0, y0 + h)
+
+
+MIN_DECODE_WIDTH = 64  # decord cannot hand back frames narrower than this
+
+
+def decode_size(
+    src_width: int, src_height: int, box: CropBox, width: int, height: int
+) -> tuple[int, int] | None:
+    """(width, height) to decode a source at so `box` still covers at least width x height pixels.
+
+    None keeps the source size (no downscaling to gain). Decoding straight to
+    this size skips making and resizing full-resolution RGB frames: at 1080p it
+    cuts about a third of a clip's read time, and the final antialiased resize
+    becomes a small one. Sizes are even and never below MIN_DECODE_WIDTH wide.
+    """
+    crop_width, crop_height = (box.x1 - box.x0) * src_width, (box.y1 - box.y0) * src_height
+    scale = max(width / crop_width, height / crop_height, MIN_DECODE_WIDTH / src_width)
+    size = (2 * math.ceil(src_width * scale / 2), 2 * math.ceil(src_height * scale / 2))
+    return None if size[0] >= src_width or size[1] >= src_height else size
 
 
 def crop_resize(frames: np.ndarray | torch.Tensor, box: CropBox, width: int, height: int) -> torch.Tensor:
@@ -367,6 +388,21 @@ def _detections(path: str, mtime_ns: int, size: int) -> tuple[FrameDetections, .
     return tuple(read_detections(path))
 
 
+@functools.lru_cache(maxsize=65536)
+def _video_size(path: str, mtime_ns: int, size: int) -> tuple[int, int]:
+    info = container_info(path)
+    return info.width, info.height
+
+
+def cached_video_size(path: str | Path) -> tuple[int, int]:
+    """A video's (width, height) from its container header, cached per process like the detections."""
+    try:
+        stat = Path(path).stat()
+    except FileNotFoundError:
+        raise MetaInfoError(f"{path}: cannot open video: the file does not exist") from None
+    return _video_size(str(path), stat.st_mtime_ns, stat.st_size)
+
+
 def cached_detections(path: str | Path) -> tuple[FrameDetections, ...]:
     """`read_detections`, cached per process and keyed by the file's mtime and size (an edit re-reads it).
 
@@ -475,10 +511,22 @@ class ClipDataset(torch.utils.data.Dataset):
         generator = self.generator(index, epoch)
         # Each file in its own try: decord's messages do not name the file, so the message must.
         files = (("video", entry.video_path), ("pose video", entry.guide_path))
-        readers = []
+        sizes = []  # source (width, height) of each, from the container header
         for what, path in files:
             try:
-                readers.append(open_video(path))
+                sizes.append(cached_video_size(path))
+            except MetaInfoError as err:
+                raise self._error(index, f"{what}: {err}", path) from err
+        (src_width, src_height), pose_size = sizes
+        mismatch = aspect_problem((src_width, src_height), pose_size)
+        if mismatch is not None:  # also caught at construction; this covers check=False
+            raise self._error(index, mismatch, entry.guide_path)
+        # The crop's size does not depend on where it sits, so the decode size is known before any draw.
+        centred = crop_window(src_width, src_height, self.width, self.height)
+        readers = []
+        for (what, path), (w, h) in zip(files, sizes, strict=True):
+            try:
+                readers.append(open_video(path, decode_size(w, h, centred, self.width, self.height)))
             except DECODE_ERRORS as err:
                 raise self._error(index, f"{what}: {path}: cannot open video: {err}", path) from err
         video_reader, pose_reader = readers
@@ -507,11 +555,7 @@ class ClipDataset(torch.utils.data.Dataset):
             except DECODE_ERRORS as err:
                 message = f"{what}: {path}: cannot decode frames {wanted.tolist()}: {err}"
                 raise self._error(index, message, path) from err
-        video_frames, pose_frames = decoded  # (U, h, w, 3) and (U, h', w', 3) uint8 RGB
-        src_height, src_width = video_frames.shape[1:3]
-        mismatch = aspect_problem((src_width, src_height), (pose_frames.shape[2], pose_frames.shape[1]))
-        if mismatch is not None:  # also caught at construction; this covers check=False
-            raise self._error(index, mismatch, entry.guide_path)
+        video_frames, pose_frames = decoded  # (U, h, w, 3) and (U, h', w', 3) uint8 RGB, at decode size
         detections = None
         if entry.meta_info is not None:
             try:

@@ -36,23 +36,32 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 8, 
                     raise ValueError(f"{path}: frames must have even sizes and width >= 64, got {w}x{h}")
                 stream = container.add_stream("libx264", rate=frame_rate(fps))
                 stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-                # Fixed encoder settings and one thread keep the file byte-identical across runs.
-                stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
+                # Fixed settings and one thread keep the file byte-identical across runs; x264's
+                # macroblock-tree rate control is off because it is not deterministic on small frames.
+                stream.options = {
+                    "crf": str(crf),
+                    "preset": "medium",
+                    "threads": "1",
+                    "x264-params": "mbtree=0",
+                }
                 stream.thread_count = 1
-            # Convert to YUV here: the encoder's own conversion is not deterministic at small widths.
-            yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
-            container.mux(stream.encode(yuv))
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         if stream is None:
             raise ValueError(f"{path}: no frames to write")
         container.mux(stream.encode())
     return path
 
 
-def open_video(path: str | Path):
-    """A decord VideoReader on the CPU (RGB frames)."""
+def open_video(path: str | Path, size: tuple[int, int] | None = None):
+    """A decord VideoReader on the CPU (RGB frames), scaling frames to `size` (width, height) if given.
+
+    The scaling happens inside the decoder while it converts YUV to RGB, so no
+    full-resolution RGB frame is ever made. decord cannot return frames narrower than 64.
+    """
     import decord
 
-    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    width, height = size or (-1, -1)
+    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, width=width, height=height)
 
 
 def read_frames(path_or_reader, indices: Sequence[int] | None = None) -> np.ndarray:

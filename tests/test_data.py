@@ -33,6 +33,7 @@ from cnx.data import (
     augment_reference,
     crop_resize,
     crop_window,
+    decode_size,
     hands_mask,
     iterate_with_budget,
     sample_clip,
@@ -40,6 +41,8 @@ from cnx.data import (
     sample_generator,
 )
 from cnx.meta import FrameDetections
+from cnx.profiles import DATA_SAMPLES
+from cnx.video import read_frames
 
 CNX = Path(cnx.video.__file__).parent
 
@@ -125,6 +128,28 @@ def test_sample_generator_depends_on_seed_epoch_and_index_only():
 
 # ---------------------------------------------------------------------------------------------
 # Geometry
+
+
+def test_decode_size_covers_the_crop_never_upscales_and_stays_readable():
+    box = crop_window(1080, 1920, 576, 1024)  # same aspect: the whole frame
+    assert decode_size(1080, 1920, box, 576, 1024) == (576, 1024)
+    wide = crop_window(1920, 1080, 576, 1024)  # landscape source, portrait crop
+    w, h = decode_size(1920, 1080, wide, 576, 1024)
+    left, top, right, bottom = wide.pixels(w, h)
+    assert right - left >= 576 and bottom - top >= 1024 and w % 2 == 0 and h % 2 == 0
+    assert decode_size(256, 384, crop_window(256, 384, 512, 768), 512, 768) is None  # never upscale
+    assert decode_size(256, 384, crop_window(256, 384, 32, 48), 32, 48) == (64, 96)  # decord's minimum width
+
+
+def test_scaled_decoding_matches_full_resolution_decoding():
+    """Downscaling inside the decoder gives what a full-size decode and resize gives, within filter noise."""
+    meta = DATA_SAMPLES / "meta_info.json"
+    ds = ClipDataset(meta, width=64, height=96, sample_n_frames=8, interval_frame=3, deterministic=True)
+    sample = ds[0]
+    full = read_frames(sample["video_path"], sample["frame_indices"].tolist())  # (F, 384, 256, 3)
+    expected = crop_resize(full, CropBox(*sample["crop_box"].tolist()), 64, 96).float()
+    got = (sample["pixel_values"] + 1) * 127.5  # back to grey levels
+    assert (got - expected).abs().mean() < 3.0
 
 
 def test_crop_window_keeps_the_output_aspect_ratio():
@@ -262,7 +287,9 @@ def test_one_get_batch_per_video_per_clip(dataset_dir, monkeypatch):
             raise AssertionError("per-frame read")
 
     real_open = cnx.video.open_video
-    monkeypatch.setattr(cnx.video, "open_video", lambda path: CountingReader(real_open(path)))
+    monkeypatch.setattr(
+        cnx.video, "open_video", lambda path, size=None: CountingReader(real_open(path, size))
+    )
     ds = ClipDataset(dataset_dir / "meta_info.json", width=64, height=96, sample_n_frames=8, interval_frame=3)
     ds[0]
     assert len(calls) == 2  # RGB and pose, reference included in each
