@@ -68,10 +68,10 @@ def make_portrait_clip(folder: Path, num_frames: int = 72, fps: int = 24, seed: 
             up += noise.normal(0.0, 1.5, up.shape[:2])[..., None]
             yield np.clip(up, 0, 255).astype(np.uint8)
 
-    write_video(folder / "videos" / "portrait.mp4", rgb_frames(), fps=fps)
-    write_video(
-        folder / "poses" / "portrait.mp4", (render_pose_frame(big, t) for t in range(num_frames)), fps=fps
-    )
+    # x264's usual settings, as most footage is encoded (cnx's deterministic mode spends more bits).
+    write_video(folder / "videos" / "portrait.mp4", rgb_frames(), fps=fps, deterministic=False)
+    poses = (render_pose_frame(big, t) for t in range(num_frames))
+    write_video(folder / "poses" / "portrait.mp4", poses, fps=fps, deterministic=False)
     entries = []
     for t in range(num_frames):
         k = dancer_keypoints(big, t)

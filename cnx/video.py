@@ -19,8 +19,14 @@ def frame_rate(fps: float) -> int | Fraction:
     return int(rate) if rate.denominator == 1 else rate
 
 
-def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 8, crf: int = 18) -> Path:
-    """Write uint8 RGB frames (H, W, 3) to an H.264 mp4, byte-identical for the same frames."""
+def write_video(
+    path: str | Path, frames: Iterable[np.ndarray], fps: float = 8, crf: int = 18, deterministic: bool = True
+) -> Path:
+    """Write uint8 RGB frames (H, W, 3) to an H.264 mp4.
+
+    `deterministic` (the default) gives byte-identical files for the same frames;
+    off, x264 uses its usual settings, as typical footage is encoded.
+    """
     import av
 
     path = Path(path)
@@ -36,15 +42,12 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 8, 
                     raise ValueError(f"{path}: frames must have even sizes and width >= 64, got {w}x{h}")
                 stream = container.add_stream("libx264", rate=frame_rate(fps))
                 stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-                # Fixed settings and one thread keep the file byte-identical across runs; x264's
-                # macroblock-tree rate control is off because it is not deterministic on small frames.
-                stream.options = {
-                    "crf": str(crf),
-                    "preset": "medium",
-                    "threads": "1",
-                    "x264-params": "mbtree=0",
-                }
-                stream.thread_count = 1
+                stream.options = {"crf": str(crf), "preset": "medium"}
+                if deterministic:
+                    # One thread, and x264's macroblock-tree rate control off (it is not deterministic on
+                    # small frames), keep the file byte-identical across runs, at some cost in bitrate.
+                    stream.options |= {"threads": "1", "x264-params": "mbtree=0"}
+                    stream.thread_count = 1
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         if stream is None:
             raise ValueError(f"{path}: no frames to write")

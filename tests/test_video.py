@@ -21,9 +21,10 @@ def test_same_frames_give_the_same_bytes_at_the_tiny_size(tmp_path):
     assert len(digests) == 1
 
 
-def test_roundtrip_keeps_frame_count_size_and_flat_colours(tmp_path):
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_roundtrip_keeps_frame_count_size_and_flat_colours(tmp_path, deterministic):
     flat = [np.full((96, 64, 3), (200, 30, 90), np.uint8)] * 5
-    decoded = read_frames(write_video(tmp_path / "flat.mp4", flat), [0, 4])
+    decoded = read_frames(write_video(tmp_path / "flat.mp4", flat, deterministic=deterministic), [0, 4])
     assert decoded.shape == (2, 96, 64, 3)
     assert np.abs(decoded.astype(int) - (200, 30, 90)).max() <= 3  # RGB order kept, within codec tolerance
 
