@@ -38,7 +38,7 @@ from cnx.data import (
     cached_video_size,
     crop_window,
     decode_size,
-    hands_mask,
+    hand_weights,
     sample_clip,
     sample_generator,
 )
@@ -118,8 +118,8 @@ def baseline_sample(ds: ClipDataset, index: int, epoch: int, decode_only: bool =
     chosen = [None, *(detections[i] for i in clip.frame_indices[1:])]
     return {
         "pixel_values": resize(frames) * 2 - 1,
-        "guide_values": resize(poses),
-        "hands_mask": hands_mask(chosen, box, (w, h), (ds.width, ds.height)),
+        "pose_frames": resize(poses),
+        "hand_weights": hand_weights(chosen, box, (w, h), (ds.width, ds.height)),
         "frame_indices": torch.from_numpy(clip.frame_indices),
     }
 
@@ -155,7 +155,7 @@ def run_setting(name: str, ds: ClipDataset, num_clips: int) -> dict:
     assert (ours["pixel_values"] - theirs["pixel_values"]).abs().mean() < 4 / 127.5, (
         "baseline differs from cnx"
     )
-    assert torch.equal(ours["hands_mask"], theirs["hands_mask"]), "baseline mask differs from cnx"
+    assert torch.equal(ours["hand_weights"], theirs["hand_weights"]), "baseline mask differs from cnx"
     n = len(ds)
     result = {
         "setting": name,

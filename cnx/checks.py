@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from decord._ffi.base import DECORDError
 
 from cnx.meta import MetaEntry, MetaInfoError, Problem, parse_meta_info, read_detections
+from cnx.video import VideoReadError, container_info, decode_info
 
 MAX_LENGTH_GAP = 25  # pose and RGB frame counts must differ by fewer than this many frames
 # Person boxes come from the detector with padding and often overhang the frame
 # (the seed's own example reaches y = 1.098); training does not use them, so only
 # a gross overhang (pixel coordinates, swapped axes) is an error. Hand boxes feed
-# the loss mask and must lie inside the frame.
+# the loss weights and must lie inside the frame.
 PERSON_BOX_OVERHANG = 0.25
 # The crop window is shared by the RGB and the pose video in normalised coordinates, which cuts the
 # same content out of both only when they show the same field of view: equal aspect ratios. Pose
@@ -40,65 +40,8 @@ PERSON_BOX_OVERHANG = 0.25
 MAX_ASPECT_GAP = 0.01
 
 
-# What decord raises for unreadable files (RuntimeError) and corrupt streams (DECORDError, which is
-# not a RuntimeError). Catching exactly these keeps bugs in cnx itself loud.
-DECODE_ERRORS = (RuntimeError, DECORDError)
-
-
 class DataCheckError(ValueError):
     """The dataset has bad entries; the message lists one line per problem."""
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    num_frames: int
-    width: int
-    height: int
-
-
-def container_info(path: str | Path) -> VideoInfo:
-    """Frame count and size from the container's metadata (cheap: nothing is decoded).
-
-    Falls back to decord's frame index for containers that do not store a count.
-    Raises MetaInfoError naming the file when it cannot be opened.
-    """
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise MetaInfoError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            num_frames, width, height = stream.frames, stream.codec_context.width, stream.codec_context.height
-    except av.FFmpegError as err:
-        raise MetaInfoError(f"{path}: cannot open video: {err}") from err
-    if num_frames <= 0:
-        num_frames = _decord_length(path)
-    return VideoInfo(num_frames=int(num_frames), width=int(width), height=int(height))
-
-
-def _decord_length(path: str | Path) -> int:
-    from cnx.video import open_video
-
-    try:
-        return len(open_video(path))
-    except DECODE_ERRORS as err:
-        raise MetaInfoError(f"{path}: cannot open video: {err}") from err
-
-
-def decode_info(path: str | Path) -> VideoInfo:
-    """Frame count and size as decord sees them, after decoding the first and last frame."""
-    from cnx.video import open_video, read_frames
-
-    try:
-        reader = open_video(path)
-        num_frames = len(reader)
-        if num_frames == 0:
-            raise MetaInfoError(f"{path}: video has no frames")
-        frames = read_frames(reader, [0, num_frames - 1])  # (2, H, W, 3)
-    except DECODE_ERRORS as err:
-        raise MetaInfoError(f"{path}: cannot decode video: {err}") from err
-    return VideoInfo(num_frames=num_frames, width=frames.shape[2], height=frames.shape[1])
 
 
 def clip_span(sample_n_frames: int, interval: int) -> int:
@@ -117,8 +60,10 @@ def fitted_interval(video_length: int, sample_n_frames: int, interval: int) -> i
     return max(1, min(interval, (video_length - 1) // (sample_n_frames - 1)))
 
 
-def aspect_problem(video_size: tuple[int, int], pose_size: tuple[int, int]) -> str | None:
-    """Why a pose video of `pose_size` (width, height) cannot guide a video of `video_size`, or None.
+def aspect_problem(
+    video_size: tuple[int, int], pose_size: tuple[int, int], pose_path: str | Path = "pose video"
+) -> str | None:
+    """Why the pose video `pose_path` of `pose_size` (width, height) cannot guide a video of `video_size`.
 
     Their aspect ratios must agree within MAX_ASPECT_GAP: the crop window is in
     normalised coordinates, right for both only when they frame the same view.
@@ -129,9 +74,25 @@ def aspect_problem(video_size: tuple[int, int], pose_size: tuple[int, int]) -> s
     if gap <= MAX_ASPECT_GAP:
         return None
     return (
-        f"pose video is {pose_width}x{pose_height} (aspect {pose_aspect:.3f}), video is {width}x{height} "
+        f"pose video {pose_path} is {pose_width}x{pose_height} (aspect {pose_aspect:.3f}), "
+        f"video is {width}x{height} "
         f"(aspect {aspect:.3f}): aspect ratios differ by {gap:.1%} (at most {MAX_ASPECT_GAP:.0%}), "
         "so they do not show the same field of view and one crop window cannot fit both"
+    )
+
+
+def length_problem(num_video: int, num_pose: int, pose_path: str | Path) -> str | None:
+    """Why a pose video of `num_pose` frames cannot guide a video of `num_video`, or None.
+
+    A few frames' difference is normal (encoders drop or add a frame at the ends);
+    MAX_LENGTH_GAP or more means the pose video belongs to another clip.
+    """
+    gap = abs(num_video - num_pose)
+    if gap < MAX_LENGTH_GAP:
+        return None
+    return (
+        f"pose video {pose_path} has {num_pose} frames, video has {num_video}: "
+        f"they differ by {gap} (must be under {MAX_LENGTH_GAP})"
     )
 
 
@@ -196,30 +157,29 @@ def entry_problems(
     for what, path in files[:2]:
         try:
             infos[what] = decode_info(path) if decode else container_info(path)
-        except MetaInfoError as err:
+        except VideoReadError as err:
             problems.append(problem(f"{what}: {err}"))
     if problems:
         return problems
     video, pose = infos["video"], infos["pose video"]
-    gap = abs(video.num_frames - pose.num_frames)
-    if gap >= MAX_LENGTH_GAP:
-        problems.append(
-            problem(
-                f"pose video has {pose.num_frames} frames, video has {video.num_frames}: "
-                f"they differ by {gap} (must be under {MAX_LENGTH_GAP})"
-            )
-        )
-    mismatch = aspect_problem((video.width, video.height), (pose.width, pose.height))
-    if mismatch is not None:
-        problems.append(problem(mismatch))
+    for message in (
+        length_problem(video.num_frames, pose.num_frames, entry.guide_path),
+        aspect_problem((video.width, video.height), (pose.width, pose.height), entry.guide_path),
+    ):
+        if message is not None:
+            problems.append(problem(message))
     usable = min(video.num_frames, pose.num_frames)
+    # The shorter of the two limits the clip: name it.
+    shorter = entry.video_path if video.num_frames <= pose.num_frames else entry.guide_path
     if usable < sample_n_frames:
-        problems.append(problem(f"only {usable} usable frames, fewer than sample_n_frames={sample_n_frames}"))
+        problems.append(
+            problem(f"{shorter}: only {usable} usable frames, fewer than sample_n_frames={sample_n_frames}")
+        )
     elif interval_frame > 0 and fitted_interval(usable, sample_n_frames, interval_frame) < interval_frame:
         shrunk = fitted_interval(usable, sample_n_frames, interval_frame)
         problems.append(
             problem(
-                f"{usable} usable frames are too few for {sample_n_frames} frames at interval "
+                f"{shorter}: {usable} usable frames are too few for {sample_n_frames} frames at interval "
                 f"{interval_frame}: spacing shrinks to {shrunk}",
                 warning=True,
             )
@@ -229,7 +189,8 @@ def entry_problems(
         if crop_w < width - 0.5:
             problems.append(
                 problem(
-                    f"frames ({video.width}x{video.height}) are smaller than the {width}x{height} output "
+                    f"{entry.video_path}: frames ({video.width}x{video.height}) are smaller than the "
+                    f"{width}x{height} output "
                     "after cropping to its aspect ratio: they will be upscaled",
                     warning=True,
                 )

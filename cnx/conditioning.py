@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from cnx.controlnext import DEFAULT_CONTROL_SCALE
 from cnx.edm import append_dims, gaussian_noise
 from cnx.seeding import stream_generator
 
@@ -36,6 +35,7 @@ from cnx.seeding import stream_generator
 DEFAULT_FPS = 7  # frames per second of the clip; SVD was conditioned on fps - 1, so 6 is passed
 DEFAULT_MOTION_BUCKET_ID = 127  # amount of motion; 127 is SVD-xt's middle setting
 DEFAULT_NOISE_AUG_STRENGTH = 0.02  # std of the noise added to the reference image before encoding
+DEFAULT_CONTROL_SCALE = 0.2  # ControlNeXt's control strength in the published models
 
 # Conditioning dropout (probabilities per sample; the three cases are mutually exclusive).
 DEFAULT_CONDITIONING_DROPOUT_PROB = 0.1  # all off together: embedding, reference latent, control
@@ -75,18 +75,6 @@ def noise_augment_reference(
     """
     noise = gaussian_noise(reference_image, generator)
     return (reference_image.to(torch.float32) + strength * noise).to(reference_image.dtype)
-
-
-@torch.no_grad()
-def encode_reference(vae, reference_image: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) reference latents: the VAE posterior's mode, *not* multiplied by scaling_factor.
-
-    This is SVD's own convention (the diffusers pipeline does the same): the
-    concatenated reference latent is unscaled while the denoised video latents
-    are scaled. Using the mode keeps training and sampling identical.
-    """
-    pixels = reference_image.to(device=vae.device, dtype=vae.dtype)
-    return vae.encode(pixels).latent_dist.mode()
 
 
 def added_time_ids(

@@ -26,7 +26,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-DEFAULT_CONTROL_SCALE = 0.2  # the published models' control strength
+from cnx.conditioning import DEFAULT_CONTROL_SCALE
+
 CROSS_NORM_EPS = 1e-5  # keeps a constant (e.g. all-black) control map from dividing by zero
 
 

@@ -1,6 +1,6 @@
-"""Training clips from a meta_info.json: frame sampling, crop geometry, hand masks, the Dataset.
+"""Training clips from a meta_info.json: frame sampling, crop geometry, hand weights, the Dataset.
 
-The pieces are pure functions (frame indices, crop window, hand mask, reference
+The pieces are pure functions (frame indices, crop window, hand weights, reference
 augmentation) so a notebook can call and plot each one; `ClipDataset` composes them.
 
 Randomness. Every random choice of a sample comes from its own `torch.Generator`
@@ -33,15 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnx.checks import (
-    DECODE_ERRORS,
-    MAX_LENGTH_GAP,
-    aspect_problem,
-    check_meta_info,
-    clip_span,
-    container_info,
-    fitted_interval,
-)
+from cnx import video
+from cnx.checks import aspect_problem, check_meta_info, clip_span, fitted_interval, length_problem
 from cnx.meta import HAND_THRESHOLD, FrameDetections, MetaEntry, MetaInfoError, Problem, read_detections
 from cnx.seeding import stream_generator
 
@@ -151,7 +144,7 @@ def crop_window(src_width: int, src_height: int, width: int, height: int, offset
 
     `offset` in [0, 1] places it along the axis that is cropped (0.5: centred).
     Normalised, so the same window cuts the same content out of the pose video
-    and the hand mask whatever their resolution (the seed applied a pixel window
+    and the hand weights whatever their resolution (the seed applied a pixel window
     computed from the RGB size to the pose video too).
     """
     if not 0.0 <= offset <= 1.0:
@@ -201,7 +194,7 @@ def crop_resize(frames: np.ndarray | torch.Tensor, box: CropBox, width: int, hei
     return out.contiguous()  # (F, 3, height, width)
 
 
-def hands_mask(
+def hand_weights(
     detections: Sequence[FrameDetections | None],
     box: CropBox,
     source_size: tuple[int, int],
@@ -217,7 +210,7 @@ def hands_mask(
     height)) on each side. Overlapping boxes take the maximum, so an unconfident
     box never lowers a confident one (the seed assigned, so the box drawn last
     won). Computed at output pixel centres mapped back through the normalised
-    crop `box`, so the mask lines up with the cropped frames. A frame given as
+    crop `box`, so the weights line up with the cropped frames. A frame given as
     None gets all ones. `size` is the output (width, height).
     """
     width, height = size
@@ -225,7 +218,7 @@ def hands_mask(
     margin_x, margin_y = margin_px / src_width, margin_px / src_height
     xs = box.x0 + (np.arange(width) + 0.5) / width * (box.x1 - box.x0)  # (W,) normalised source x
     ys = box.y0 + (np.arange(height) + 0.5) / height * (box.y1 - box.y0)  # (H,)
-    mask = np.ones((len(detections), 1, height, width), dtype=np.float32)
+    weights = np.ones((len(detections), 1, height, width), dtype=np.float32)  # (F, 1, H, W)
     for t, frame in enumerate(detections):
         if frame is None:
             continue
@@ -236,8 +229,8 @@ def hands_mask(
             inside_x = (xs >= bx0 - margin_x) & (xs <= bx1 + margin_x)
             inside_y = (ys >= by0 - margin_y) & (ys <= by1 + margin_y)
             region = inside_y[:, None] & inside_x[None, :]  # (H, W)
-            mask[t, 0][region] = np.maximum(mask[t, 0][region], value)  # max, never assign: pitfall 17
-    return torch.from_numpy(mask)
+            weights[t, 0][region] = np.maximum(weights[t, 0][region], value)  # max, never assign: pitfall 17
+    return torch.from_numpy(weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +383,7 @@ def _detections(path: str, mtime_ns: int, size: int) -> tuple[FrameDetections, .
 
 @functools.lru_cache(maxsize=65536)
 def _video_size(path: str, mtime_ns: int, size: int) -> tuple[int, int]:
-    info = container_info(path)
+    info = video.container_info(path)
     return info.width, info.height
 
 
@@ -399,7 +392,7 @@ def cached_video_size(path: str | Path) -> tuple[int, int]:
     try:
         stat = Path(path).stat()
     except FileNotFoundError:
-        raise MetaInfoError(f"{path}: cannot open video: the file does not exist") from None
+        raise video.VideoReadError(f"{path}: cannot open video: the file does not exist") from None
     return _video_size(str(path), stat.st_mtime_ns, stat.st_size)
 
 
@@ -421,9 +414,9 @@ class ClipDataset(torch.utils.data.Dataset):
 
     Each item is a dict:
       pixel_values    (F, 3, H, W) in [-1, 1]  RGB frames; frame 0 is the reference frame
-      guide_values    (F, 3, H, W) in [0, 1]   pose frames; frame 0 is the reference's pose
+      pose_frames     (F, 3, H, W) in [0, 1]   pose frames; frame 0 is the reference's pose
       reference_image (3, H, W) in [-1, 1]     the reference frame (augmented when ref_augment)
-      hands_mask      (F, 1, H, W)             loss weights, see `hands_mask`; frame 0 all ones
+      hand_weights    (F, 1, H, W)             per-pixel loss weights, see `hand_weights`; frame 0 all ones
       frame_indices   (F,) source frames read; [0] is the reference
       reference_index, interval, crop_box (4,) normalised x0, y0, x1, y1, video_path, guide_path, index
 
@@ -503,8 +496,6 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def sample(self, index: int, epoch: int | None = None) -> dict:
         """One training sample (see the class docstring); raises SampleError when its files fail."""
-        from cnx.video import open_video, read_frames
-
         if not 0 <= index < len(self.entries):
             raise IndexError(f"index {index} out of range for {len(self.entries)} entries")
         entry = self.entries[index]
@@ -515,10 +506,10 @@ class ClipDataset(torch.utils.data.Dataset):
         for what, path in files:
             try:
                 sizes.append(cached_video_size(path))
-            except MetaInfoError as err:
+            except video.VideoReadError as err:
                 raise self._error(index, f"{what}: {err}", path) from err
         (src_width, src_height), pose_size = sizes
-        mismatch = aspect_problem((src_width, src_height), pose_size)
+        mismatch = aspect_problem((src_width, src_height), pose_size, entry.guide_path)
         if mismatch is not None:  # also caught at construction; this covers check=False
             raise self._error(index, mismatch, entry.guide_path)
         # The crop's size does not depend on where it sits, so the decode size is known before any draw.
@@ -526,13 +517,13 @@ class ClipDataset(torch.utils.data.Dataset):
         readers = []
         for (what, path), (w, h) in zip(files, sizes, strict=True):
             try:
-                readers.append(open_video(path, decode_size(w, h, centred, self.width, self.height)))
-            except DECODE_ERRORS as err:
-                raise self._error(index, f"{what}: {path}: cannot open video: {err}", path) from err
-        video_reader, pose_reader = readers
-        num_video, num_pose = len(video_reader), len(pose_reader)
-        if abs(num_video - num_pose) >= MAX_LENGTH_GAP:
-            raise self._error(index, f"pose video has {num_pose} frames, video has {num_video}")
+                readers.append(video.open_video(path, decode_size(w, h, centred, self.width, self.height)))
+            except video.VideoReadError as err:
+                raise self._error(index, f"{what}: {err}", path) from err
+        num_video, num_pose = map(len, readers)
+        mismatch = length_problem(num_video, num_pose, entry.guide_path)
+        if mismatch is not None:
+            raise self._error(index, mismatch, entry.guide_path)
         usable = min(num_video, num_pose)  # pose and video may differ by a few frames
         if usable < self.sample_n_frames:
             raise self._error(index, f"only {usable} usable frames for a {self.sample_n_frames}-frame clip")
@@ -551,11 +542,10 @@ class ClipDataset(torch.utils.data.Dataset):
         decoded = []
         for (what, path), reader in zip(files, readers, strict=True):
             try:
-                decoded.append(read_frames(reader, wanted.tolist()))
-            except DECODE_ERRORS as err:
-                message = f"{what}: {path}: cannot decode frames {wanted.tolist()}: {err}"
-                raise self._error(index, message, path) from err
-        video_frames, pose_frames = decoded  # (U, h, w, 3) and (U, h', w', 3) uint8 RGB, at decode size
+                decoded.append(video.read_frames(reader, wanted.tolist()))
+            except video.VideoReadError as err:
+                raise self._error(index, f"{what}: {path}: {err}", path) from err
+        video_uint8, pose_uint8 = decoded  # (U, h, w, 3) and (U, h', w', 3) uint8 RGB, at decode size
         detections = None
         if entry.meta_info is not None:
             try:
@@ -573,23 +563,23 @@ class ClipDataset(torch.utils.data.Dataset):
             detections[0] = None  # frame 0 is the reference the model is given: no extra weight
 
         box = crop_window(src_width, src_height, self.width, self.height, offset)
-        pixels = crop_resize(video_frames, box, self.width, self.height)[order]  # (F, 3, H, W) uint8
-        poses = crop_resize(pose_frames, box, self.width, self.height)[order]  # (F, 3, H, W) uint8
+        pixels = crop_resize(video_uint8, box, self.width, self.height)[order]  # (F, 3, H, W) uint8
+        poses = crop_resize(pose_uint8, box, self.width, self.height)[order]  # (F, 3, H, W) uint8
         pixel_values = pixels.to(torch.float32).div_(127.5).sub_(1.0)  # in place: no extra 37M-value copies
-        guide_values = poses.to(torch.float32).div_(255.0)
+        pose_frames = poses.to(torch.float32).div_(255.0)
         if detections is None:
-            mask = torch.ones(self.sample_n_frames, 1, self.height, self.width)
+            weights = torch.ones(self.sample_n_frames, 1, self.height, self.width)
         else:
-            mask = hands_mask(detections, box, (src_width, src_height), (self.width, self.height))
+            weights = hand_weights(detections, box, (src_width, src_height), (self.width, self.height))
         reference_image = pixel_values[0].clone()  # (3, H, W) in [-1, 1]
         if self.ref_augment:  # the target frame 0 stays the true frame; only the conditioning input moves
             augmented, _ = augment_reference((reference_image + 1.0) / 2.0, generator)
             reference_image = augmented * 2.0 - 1.0
         return {
             "pixel_values": pixel_values,
-            "guide_values": guide_values,
+            "pose_frames": pose_frames,
             "reference_image": reference_image,
-            "hands_mask": mask,
+            "hand_weights": weights,
             "frame_indices": torch.from_numpy(clip.frame_indices.astype(np.int64)),
             "reference_index": clip.reference_index,
             "interval": clip.interval,
@@ -615,7 +605,7 @@ __all__ = [
     "crop_resize",
     "crop_window",
     "fitted_interval",
-    "hands_mask",
+    "hand_weights",
     "iterate_with_budget",
     "sample_clip",
     "sample_frame_indices",

@@ -219,14 +219,14 @@ def loss_weight(sigma: torch.Tensor | float) -> torch.Tensor:
     return (1.0 + sigma**2) / sigma**2
 
 
-def pool_to_latent(hand_mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+def pool_to_latent(hand_weights: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
     """Average-pool a pixel-size weight map (..., H, W) to the latents' (..., h, w), float32.
 
     Average pooling keeps the map's mean, so a hand covering a quarter of an
     8x8 pixel patch raises that latent's weight by a quarter of the hand weight.
     """
-    *lead, height, width = hand_mask.shape
-    pooled = F.adaptive_avg_pool2d(hand_mask.to(torch.float32).reshape(-1, 1, height, width), latent_size)
+    *lead, height, width = hand_weights.shape
+    pooled = F.adaptive_avg_pool2d(hand_weights.to(torch.float32).reshape(-1, 1, height, width), latent_size)
     return pooled.reshape(*lead, *latent_size)
 
 
@@ -234,11 +234,11 @@ def denoising_loss(
     denoised: torch.Tensor,
     latents: torch.Tensor,
     sigma: torch.Tensor,
-    hand_mask: torch.Tensor | None = None,
+    hand_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B,) float32 per-sample loss: mean of lambda(sigma) * (D - y)^2 * hand weight.
 
-    `hand_mask` is a pixel-size *weight map* broadcastable to the latents after
+    `hand_weights` is a pixel-size *weight map* broadcastable to the latents after
     pooling, e.g. (B, F, 1, H, W) for (B, F, C, h, w) latents: 1 away from
     hands, larger on hands (the data pipeline's 1 + 4 * 0.8 = 4.2), so small hands
     count more than their area. None weighs every position 1.
@@ -249,18 +249,18 @@ def denoising_loss(
         )
     error = (denoised.to(torch.float32) - latents.to(torch.float32)) ** 2
     error = append_dims(loss_weight(sigma), latents.ndim) * error
-    if hand_mask is not None:
-        weight = pool_to_latent(hand_mask, tuple(latents.shape[-2:]))
+    if hand_weights is not None:
+        weight = pool_to_latent(hand_weights, tuple(latents.shape[-2:]))
         try:
             error = error * weight
         except RuntimeError as err:
             raise ValueError(
-                f"hand_mask {tuple(hand_mask.shape)} pooled to {tuple(weight.shape)} does not broadcast "
-                f"against latents {tuple(latents.shape)}"
+                f"hand_weights {tuple(hand_weights.shape)} pooled to {tuple(weight.shape)} does not "
+                f"broadcast against latents {tuple(latents.shape)}"
             ) from err
         if error.shape != latents.shape:
             raise ValueError(
-                f"hand_mask {tuple(hand_mask.shape)} would broadcast latents {tuple(latents.shape)} "
+                f"hand_weights {tuple(hand_weights.shape)} would broadcast latents {tuple(latents.shape)} "
                 f"to {tuple(error.shape)}"
             )
     return error.reshape(error.shape[0], -1).mean(dim=1)

@@ -75,7 +75,7 @@ class FrameDetections:
 
     @property
     def hands_confidence(self) -> np.ndarray:
-        """(M,) mean keypoint score per hand: what the hand mask compares with HAND_THRESHOLD."""
+        """(M,) mean keypoint score per hand: what the hand weights compare with HAND_THRESHOLD."""
         if self.hands_score.shape[0] == 0:
             return np.zeros(0)
         return self.hands_score.mean(axis=1)
@@ -130,7 +130,7 @@ def parse_meta_info(path: str | Path) -> tuple[list[MetaEntry], list[Problem]]:
             problems.append(Problem(i, shown, f"'meta_info' must be a non-empty string, got {meta!r}"))
             bad = True
         unknown = sorted(set(item) - set(ENTRY_KEYS) - set(OPTIONAL_KEYS))
-        if unknown:  # a misspelt 'meta_info' would otherwise silently drop the hand mask
+        if unknown:  # a misspelt 'meta_info' would otherwise silently drop the hand weights
             problems.append(Problem(i, shown, f"unknown keys {unknown} are ignored (typo?)", warning=True))
         if bad:
             continue

@@ -16,8 +16,10 @@ Conventions used throughout cnx:
 from __future__ import annotations
 
 import colorsys
+import io
 import json
 import math
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,6 +306,53 @@ def align_pose(
 
 
 # ---------------------------------------------------------------------------------------------
+# Known poses: one frame's keypoints, and a clip's saved as .npz (data_samples/keypoints/).
+
+
+@dataclass(frozen=True)
+class Keypoints:
+    """One frame's pose, normalised to the image (x, y in [0, 1]), float32; known or detected."""
+
+    body: np.ndarray  # (18, 2)
+    body_scores: np.ndarray  # (18,)
+    hands: np.ndarray  # (2, 21, 2) [left, right]
+    hand_scores: np.ndarray  # (2, 21)
+
+
+def save_keypoints(path: str | Path, keypoints: list[Keypoints], width: int, height: int, fps: float) -> Path:
+    """A byte-deterministic .npz of a clip's known poses (np.savez stamps the current time)."""
+    from numpy.lib import format as npy_format
+
+    arrays = {
+        "body": np.stack([k.body for k in keypoints]),  # (F, 18, 2)
+        "body_scores": np.stack([k.body_scores for k in keypoints]),  # (F, 18)
+        "hands": np.stack([k.hands for k in keypoints]),  # (F, 2, 21, 2)
+        "hand_scores": np.stack([k.hand_scores for k in keypoints]),  # (F, 2, 21)
+        "size": np.array([height, width], dtype=np.int32),
+        "fps": np.array(fps, dtype=np.float32),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            npy_format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, buffer.getvalue())
+    return path
+
+
+def load_keypoints(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays `save_keypoints` wrote: body, body_scores, hands, hand_scores, size (H, W), fps."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such keypoints file")
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+# ---------------------------------------------------------------------------------------------
 # Boxes and the per-frame detection json (the seed's `meta_info/<n>.json` schema).
 
 
@@ -323,7 +372,7 @@ def hand_boxes(hands, margin: float = 0.1) -> list[list[list[float]]]:
     """One box per hand from (2, 21, 2) normalised hand keypoints (see `box_from_points`).
 
     All 21 points count, confident or not: the score says how sure the detector is,
-    and the seed keeps it next to the box (`hands_score`) for the loss mask to weigh.
+    and the seed keeps it next to the box (`hands_score`) for the loss weights.
     """
     hands = _as_points("hands", hands, (2, 21, 2))
     return [box_from_points(points, margin) for points in hands]

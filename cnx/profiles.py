@@ -34,32 +34,30 @@ class Profile:
 
 _VALIDATION = DATA_SAMPLES / "validation"
 
+TINY = Profile(
+    name="tiny",
+    pretrained_model_name_or_path=str(CACHE_DIR / "tiny-svd"),
+    meta_info_path=str(DATA_SAMPLES / "meta_info.json"),
+    validation_image_folder=str(_VALIDATION / "ground_truth"),
+    validation_control_folder=str(_VALIDATION / "pose"),
+    validation_image=str(_VALIDATION / "reference_image.png"),
+    width=64,
+    height=96,
+    sample_n_frames=8,
+    interval_frame=3,
+    mixed_precision="no",
+    unet_width=32,
+)
 PROFILES = {
-    "tiny": Profile(
-        name="tiny",
-        pretrained_model_name_or_path=str(CACHE_DIR / "tiny-svd"),
-        meta_info_path=str(DATA_SAMPLES / "meta_info.json"),
-        validation_image_folder=str(_VALIDATION / "ground_truth"),
-        validation_control_folder=str(_VALIDATION / "pose"),
-        validation_image=str(_VALIDATION / "reference_image.png"),
-        width=64,
-        height=96,
-        sample_n_frames=8,
-        interval_frame=3,
-        mixed_precision="no",
-        unet_width=32,
-    ),
-    "full": Profile(
+    "tiny": TINY,
+    # The original setting, on the bundled data until CNX_META_INFO points it at a real dataset.
+    "full": replace(
+        TINY,
         name="full",
         pretrained_model_name_or_path="stabilityai/stable-video-diffusion-img2vid-xt-1-1",
-        meta_info_path=str(DATA_SAMPLES / "meta_info.json"),
-        validation_image_folder=str(_VALIDATION / "ground_truth"),
-        validation_control_folder=str(_VALIDATION / "pose"),
-        validation_image=str(_VALIDATION / "reference_image.png"),
         width=576,
         height=1024,
         sample_n_frames=21,
-        interval_frame=3,
         mixed_precision="bf16",
         unet_width=320,
     ),

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import io
 import json
 import math
 import time
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from cnx.pose import detection_entry, draw_pose
+from cnx.pose import Keypoints, detection_entry, draw_pose, save_keypoints
 
 SUPERSAMPLE = 2  # RGB frames are drawn at 2x and box-filtered down: smooth edges, like a camera
 VALIDATION_FRAMES = 14  # the seed's validation folder holds 0.png..13.png
@@ -223,7 +221,7 @@ def _frame_dancer(dancer: Dancer, rng: np.random.Generator, num_frames: int) -> 
     lo, hi = np.full(2, np.inf), np.full(2, -np.inf)
     for t in range(num_frames):
         pose = _skeleton(dancer, t)
-        points = np.concatenate([pose["body"], pose["hands"].reshape(-1, 2), pose["extent"]])
+        points = np.concatenate([pose.body, pose.hands.reshape(-1, 2), pose.extent])
         lo, hi = np.minimum(lo, points.min(axis=0)), np.maximum(hi, points.max(axis=0))
     lo, hi = lo - 0.03, hi + 0.03  # limbs are thicker than their bones
     frame = dancer.framing
@@ -292,7 +290,23 @@ def _hand(dancer: Dancer, wrist: np.ndarray, angle: float, side: float, curl: fl
     return points
 
 
-def _skeleton(dancer: Dancer, t: float) -> dict:
+@dataclass(frozen=True)
+class Skeleton:
+    """One frame's pose in body units (y up, origin on the floor): keypoints plus what the renderer needs."""
+
+    body: np.ndarray  # (18, 2) OpenPose body keypoints
+    body_scores: np.ndarray  # (18,)
+    hands: np.ndarray  # (2, 21, 2) [left, right]
+    hand_scores: np.ndarray  # (2, 21)
+    head: np.ndarray  # (2,) head centre
+    head_up: np.ndarray  # (2,) unit vector along the head's up axis
+    head_right: np.ndarray  # (2,) unit vector to the head's right
+    yaw: float  # head turn in radians (the face slides sideways)
+    pelvis: np.ndarray  # (2,)
+    extent: np.ndarray  # (K, 2) points the drawing reaches beyond the keypoints (hair, ears, shoes)
+
+
+def _skeleton(dancer: Dancer, t: float) -> Skeleton:
     """Body-unit skeleton at frame t: keypoints plus the extra points the renderer needs."""
     s = t / dancer.fps
     # Feet: alternate little steps, each foot lifting while it moves.
@@ -387,28 +401,18 @@ def _skeleton(dancer: Dancer, t: float) -> dict:
         + [[ankle[0] - 0.05, 0.0] for ankle in ankles]
         + [[ankle[0] + 0.05, 0.0] for ankle in ankles]
     )
-    return {
-        "body": body,
-        "body_scores": np.clip(body_scores, 0.0, 1.0),
-        "hands": np.stack([hands[1], hands[0]]),  # COCO order: [left, right]
-        "hand_scores": hand_scores,
-        "head": head,
-        "head_up": head_up,
-        "head_right": head_right,
-        "yaw": yaw,
-        "pelvis": pelvis,
-        "extent": extent,
-    }
-
-
-@dataclass(frozen=True)
-class Keypoints:
-    """Known pose of one frame, normalised to the image (x, y in [0, 1]), float32."""
-
-    body: np.ndarray  # (18, 2)
-    body_scores: np.ndarray  # (18,)
-    hands: np.ndarray  # (2, 21, 2) [left, right]
-    hand_scores: np.ndarray  # (2, 21)
+    return Skeleton(
+        body=body,
+        body_scores=np.clip(body_scores, 0.0, 1.0),
+        hands=np.stack([hands[1], hands[0]]),  # COCO order: [left, right]
+        hand_scores=hand_scores,
+        head=head,
+        head_up=head_up,
+        head_right=head_right,
+        yaw=yaw,
+        pelvis=pelvis,
+        extent=extent,
+    )
 
 
 def dancer_keypoints(dancer: Dancer, t: int) -> Keypoints:
@@ -421,10 +425,10 @@ def dancer_keypoints(dancer: Dancer, t: int) -> Keypoints:
         return ((np.asarray(frame.origin) + frame.scale * points) / size).astype(np.float32)
 
     return Keypoints(
-        body=norm(pose["body"]),
-        body_scores=pose["body_scores"].astype(np.float32),
-        hands=norm(pose["hands"]),
-        hand_scores=pose["hand_scores"].astype(np.float32),
+        body=norm(pose.body),
+        body_scores=pose.body_scores.astype(np.float32),
+        hands=norm(pose.hands),
+        hand_scores=pose.hand_scores.astype(np.float32),
     )
 
 
@@ -533,19 +537,19 @@ def render_frame(dancer: Dancer, t: int, background=None) -> tuple[np.ndarray, l
     size = (frame.width * SUPERSAMPLE, frame.height * SUPERSAMPLE)
     image = (background if background is not None else _background(dancer)).copy()
     pose = _skeleton(dancer, t)
-    b = pose["body"]
+    b = pose.body
     w = dancer.build
     skin, skin_dark = dancer.skin, _shade(dancer.skin, 0.85)
 
     # Floor shadow goes straight onto the background.
     floor = Image.new("RGBA", size, (0, 0, 0, 0))
     shadow = _Painter(dancer, floor)
-    shadow.ellipse([pose["pelvis"][0], -0.01], 0.16, 0.025, (0, 0, 0, 70))
+    shadow.ellipse([pose.pelvis[0], -0.01], 0.16, 0.025, (0, 0, 0, 70))
     image = Image.alpha_composite(image.convert("RGBA"), floor)
 
     layer = Image.new("RGBA", size, (0, 0, 0, 0))
     p = _Painter(dancer, layer)
-    head, head_up, r = pose["head"], pose["head_up"], dancer.head_radius
+    head, head_up, r = pose.head, pose.head_up, dancer.head_radius
     if dancer.hair_style == "long":  # hair falling behind the shoulders
         p.capsule(head, head - 2.1 * r * head_up, 1.05 * r, 0.95 * r, dancer.hair)
 
@@ -585,17 +589,17 @@ def render_frame(dancer: Dancer, t: int, background=None) -> tuple[np.ndarray, l
     # Neck and head, hair on top, a simple face.
     p.capsule(b[1] + 0.01 * head_up, head - 0.5 * r * head_up, 0.026, 0.026, skin_dark)
     p.polygon([b[1] + [-0.035, 0.005], b[1] + [0.035, 0.005], b[1] + [0.0, 0.045]], skin_dark)  # collar
-    for ear, score in ((b[16], pose["body_scores"][16]), (b[17], pose["body_scores"][17])):
+    for ear, score in ((b[16], pose.body_scores[16]), (b[17], pose.body_scores[17])):
         if score > 0.45:
             p.disc(ear, 0.2 * r, skin_dark)
-    right = pose["head_right"]
+    right = pose.head_right
 
     def face(points):  # head-frame (x right, y up) offsets in head radii -> body units
         return [head + r * (x * right + y * head_up) for x, y in points]
 
     around = np.linspace(0.0, 2 * math.pi, 40, endpoint=False)
     p.polygon(face(zip(0.88 * np.cos(around), np.sin(around), strict=True)), skin)
-    turn = math.sin(pose["yaw"])
+    turn = math.sin(pose.yaw)
     arc = np.linspace(0.1, math.pi - 0.1, 24)
     fringe = [(-0.8 + 0.5 * turn, 0.42), (0.5 * turn, 0.55), (0.8 + 0.5 * turn, 0.42)]
     p.polygon(
@@ -615,7 +619,7 @@ def render_frame(dancer: Dancer, t: int, background=None) -> tuple[np.ndarray, l
         p.capsule(b[s_i], b[e_i], 0.027 * w, 0.023 * w, arm_color)
         if dancer.sleeves == "short":
             p.capsule(b[s_i], b[s_i] + 0.5 * (b[e_i] - b[s_i]), sleeve_r, 0.029 * w, shirt)
-    for hand in pose["hands"]:
+    for hand in pose.hands:
         p.polygon([hand[0], hand[5], hand[9], hand[13], hand[17]], skin)
         p.disc(hand[0], 0.016, skin)
         for f in range(5):
@@ -633,39 +637,6 @@ def render_frame(dancer: Dancer, t: int, background=None) -> tuple[np.ndarray, l
 
 # ---------------------------------------------------------------------------------------------
 # Writing the dataset.
-
-
-def save_keypoints(path: str | Path, keypoints: list[Keypoints], width: int, height: int, fps: float) -> Path:
-    """A byte-deterministic .npz of a clip's known poses (np.savez stamps the current time)."""
-    from numpy.lib import format as npy_format
-
-    arrays = {
-        "body": np.stack([k.body for k in keypoints]),  # (F, 18, 2)
-        "body_scores": np.stack([k.body_scores for k in keypoints]),  # (F, 18)
-        "hands": np.stack([k.hands for k in keypoints]),  # (F, 2, 21, 2)
-        "hand_scores": np.stack([k.hand_scores for k in keypoints]),  # (F, 2, 21)
-        "size": np.array([height, width], dtype=np.int32),
-        "fps": np.array(fps, dtype=np.float32),
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, array in arrays.items():
-            buffer = io.BytesIO()
-            npy_format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, buffer.getvalue())
-    return path
-
-
-def load_keypoints(path: str | Path) -> dict[str, np.ndarray]:
-    """The arrays `save_keypoints` wrote: body, body_scores, hands, hand_scores, size (H, W), fps."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such keypoints file")
-    with np.load(path, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
 
 
 def _render_clip(dancer: Dancer, frame_ids) -> tuple[list, list, list, list[Keypoints]]:

@@ -14,6 +14,8 @@ import json
 import time
 from pathlib import Path
 
+from cnx.latents import CLIP_MEAN, CLIP_SIZE, CLIP_STD
+
 # SVD-xt's scheduler: v-prediction on continuous timesteps (0.25 ln sigma), Karras sigmas 0.002..700.
 SVD_XT_SCHEDULER_CONFIG = {
     "beta_start": 0.00085,
@@ -30,10 +32,6 @@ SVD_XT_SCHEDULER_CONFIG = {
     "trained_betas": None,
     "use_karras_sigmas": True,
 }
-
-# OpenAI CLIP's normalisation, as in SVD-xt's feature_extractor/preprocessor_config.json.
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def build_tiny_components(seed: int = 0, unet_width: int = 32, vae_width: int = 32, num_frames: int = 8):
@@ -91,7 +89,7 @@ def build_tiny_components(seed: int = 0, unet_width: int = 32, vae_width: int = 
                 projection_dim=embed_dim,
                 num_hidden_layers=2,
                 num_attention_heads=2,
-                image_size=224,  # the SVD pipeline always resizes the reference to 224x224
+                image_size=CLIP_SIZE,  # the SVD pipeline always resizes the reference to 224x224
                 patch_size=32,
             )
         )
@@ -108,10 +106,10 @@ def write_tiny_svd(
 
     unet, vae, image_encoder, scheduler = build_tiny_components(seed, unet_width, vae_width, num_frames)
     feature_extractor = CLIPImageProcessor(
-        size={"shortest_edge": 224},
-        crop_size={"height": 224, "width": 224},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
+        size={"shortest_edge": CLIP_SIZE},
+        crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
     )
     pipe = StableVideoDiffusionPipeline(
         vae=vae,

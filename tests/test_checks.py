@@ -57,12 +57,14 @@ def test_broken_dataset_prints_one_line_per_problem_and_exits_1(tmp_path, capsys
 
     line(1, f"video does not exist: {tmp_path / 'videos' / 'clip1.mp4'}")
     line(2, "cannot read detection json")
-    line(3, "pose video: ")
+    line(3, f"pose video: {tmp_path / 'poses' / 'clip3.mp4'}: cannot open video")
     line(4, "detections cover 18 frames but the video has 20")
     line(4, "hands_boxes outside [0, 1] (normalised coordinates expected) in 18 frames (first: frame 0)")
     line(4, "hands_boxes not ordered")
-    line(5, "pose video has 45 frames, video has 20: they differ by 25 (must be under 25)")
-    line(6, "only 6 usable frames, fewer than sample_n_frames=8")
+    # The culprit file is named: the pose video whose length is wrong, the video that is too short.
+    pose5 = tmp_path / "poses" / "clip5.mp4"
+    line(5, f"pose video {pose5} has 45 frames, video has 20: they differ by 25 (must be under 25)")
+    line(6, f"{tmp_path / 'videos' / 'clip6.mp4'}: only 6 usable frames, fewer than sample_n_frames=8")
     assert not any(x.startswith("entry 0 ") for x in lines)
     assert lines[-1] == f"{path}: checked 7 entries, 6 bad, 1 good"
 
@@ -90,8 +92,9 @@ def test_warnings_are_reported_but_do_not_fail(tmp_path, capsys):
     args = ["check-data", "--meta_info_path", str(path), "--sample_n_frames", "8", "--interval_frame", "3"]
     assert cnx_main([*args, "--width", "576", "--height", "1024", "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert any("warning: 12 usable frames are too few" in x and "spacing shrinks to 1" in x for x in lines)
-    assert any("warning: frames (64x96) are smaller than the 576x1024 output" in x for x in lines)
+    video = tmp_path / "videos" / "clip0.mp4"
+    assert any(f"warning: {video}: 12 usable frames are too few" in x and "shrinks to 1" in x for x in lines)
+    assert any(f"warning: {video}: frames (64x96) are smaller than the 576x1024 output" in x for x in lines)
     assert lines[-1].endswith("0 bad, 1 good (2 warnings)")
 
 
@@ -151,17 +154,19 @@ def test_pose_video_of_another_aspect_ratio_is_an_error(tmp_path, capsys):
         write_entry(tmp_path, "square", num_frames=12, size=(128, 192), pose_size=(128, 128)),
     ]
     path = write_meta_info(tmp_path, entries)
+    pose = tmp_path / "poses" / "square.mp4"
     for decode in (False, True):
         report = check_meta_info(path, sample_n_frames=4, decode=decode)
         assert report.bad_entries == [1]
         assert report.errors[0].message.startswith(
-            "pose video is 128x128 (aspect 1.000), video is 128x192 (aspect 0.667): "
+            f"pose video {pose} is 128x128 (aspect 1.000), video is 128x192 (aspect 0.667): "
             "aspect ratios differ by 50.0%"
         )
     assert cnx_main(["check-data", "--meta_info_path", str(path), "--quiet"]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert any(
-        x.startswith(f"entry 1 ({tmp_path / 'videos' / 'square.mp4'}): pose video is 128x128") for x in lines
+        x.startswith(f"entry 1 ({tmp_path / 'videos' / 'square.mp4'}): pose video {pose} is 128x128")
+        for x in lines
     )
 
 

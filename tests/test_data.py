@@ -34,7 +34,7 @@ from cnx.data import (
     crop_resize,
     crop_window,
     decode_size,
-    hands_mask,
+    hand_weights,
     iterate_with_budget,
     sample_clip,
     sample_frame_indices,
@@ -192,33 +192,33 @@ def test_pitfall_17_low_confidence_box_never_lowers_an_overlapping_confident_one
     box = CropBox(0, 0, 1, 1)
     confident, weak = ([[0.2, 0.2], [0.6, 0.6]], 0.9), ([[0.4, 0.4], [0.8, 0.8]], 0.2)
     for order in ((confident, weak), (weak, confident)):
-        mask = hands_mask([hands(*order)], box, (640, 640), (64, 64), margin_px=0)[0, 0]
+        mask = hand_weights([hands(*order)], box, (640, 640), (64, 64), margin_px=0)[0, 0]
         assert mask[32, 32] == HAND_WEIGHT  # about (0.51, 0.51): inside both boxes
         assert mask[19, 19] == HAND_WEIGHT  # about (0.30, 0.30): confident box only
         assert mask[45, 45] == 1.0  # about (0.71, 0.71): weak box only
     assert torch.equal(mask.unique(), torch.tensor([1.0, HAND_WEIGHT]))
 
 
-def test_hand_mask_threshold_margin_and_none_frames():
+def test_hand_weights_threshold_margin_and_none_frames():
     box = CropBox(0, 0, 1, 1)
     at_threshold = hand([[0.4, 0.4], [0.6, 0.6]], 0.5)  # mean score must *exceed* 0.5
     above = hand([[0.4, 0.4], [0.6, 0.6]], 0.51)
-    mask = hands_mask([at_threshold, above, None], box, (100, 100), (100, 100))
+    mask = hand_weights([at_threshold, above, None], box, (100, 100), (100, 100))
     assert (mask[0] == 1).all() and (mask[2] == 1).all()
     assert mask[1, 0, 50, 50] == HAND_WEIGHT == 1 + 4 * 0.8
     row = mask[1, 0, 50]  # 10-pixel margin at source resolution (100 px): box spans x in [30, 70]
     inside = torch.nonzero(row > 1).flatten()
     assert inside.min().item() == 30 and inside.max().item() == 69
     # The margin is in *source* pixels: at 1000 px source width it is 1% of the frame.
-    row = hands_mask([above], box, (1000, 1000), (100, 100))[0, 0, 50]
+    row = hand_weights([above], box, (1000, 1000), (100, 100))[0, 0, 50]
     inside = torch.nonzero(row > 1).flatten()
     assert inside.min().item() == 39 and inside.max().item() == 60
 
 
-def test_hand_mask_follows_the_crop_window():
+def test_hand_weights_follows_the_crop_window():
     detections = [hand([[0.0, 0.0], [0.25, 0.25]], 0.9)]
-    full = hands_mask(detections, CropBox(0, 0, 1, 1), (400, 400), (40, 40), margin_px=0)[0, 0]
-    right = hands_mask(detections, CropBox(0.5, 0, 1, 1), (400, 400), (40, 40), margin_px=0)[0, 0]
+    full = hand_weights(detections, CropBox(0, 0, 1, 1), (400, 400), (40, 40), margin_px=0)[0, 0]
+    right = hand_weights(detections, CropBox(0.5, 0, 1, 1), (400, 400), (40, 40), margin_px=0)[0, 0]
     assert full[:10, :10].eq(HAND_WEIGHT).all() and full[20:, 20:].eq(1).all()
     assert right.eq(1).all()  # the hand is outside the right half
 
@@ -248,11 +248,11 @@ def test_sample_shapes_ranges_and_metadata(dataset_dir):
     assert len(ds) == 3
     s = ds[1]
     assert s["pixel_values"].shape == (8, 3, 96, 64) and s["pixel_values"].dtype == torch.float32
-    assert s["guide_values"].shape == (8, 3, 96, 64)
+    assert s["pose_frames"].shape == (8, 3, 96, 64)
     assert s["reference_image"].shape == (3, 96, 64)
-    assert s["hands_mask"].shape == (8, 1, 96, 64)
+    assert s["hand_weights"].shape == (8, 1, 96, 64)
     assert -1 <= s["pixel_values"].min() and s["pixel_values"].max() <= 1
-    assert 0 <= s["guide_values"].min() and s["guide_values"].max() <= 1
+    assert 0 <= s["pose_frames"].min() and s["pose_frames"].max() <= 1
     assert s["video_path"].endswith("clip1.mp4") and s["index"] == 1
     assert s["frame_indices"][0] == s["reference_index"]
     assert torch.equal(s["reference_image"], s["pixel_values"][0])
@@ -265,7 +265,7 @@ def test_returned_frames_are_the_frames_named_by_frame_indices(dataset_dir):
         s = ds[index]
         expected = s["frame_indices"].tolist()
         assert [decode_index((f + 1) / 2) for f in s["pixel_values"]] == expected
-        assert [decode_index(f) for f in s["guide_values"]] == expected
+        assert [decode_index(f) for f in s["pose_frames"]] == expected
         assert np.all(np.diff(expected[1:]) == 3)
 
 
@@ -369,7 +369,7 @@ def test_pitfall_19_ref_augment_changes_only_the_reference_and_only_when_on(data
         assert torch.equal(x["reference_image"], x["pixel_values"][0])
         assert not torch.equal(y["reference_image"], y["pixel_values"][0])
         assert y["reference_image"].min() >= -1 and y["reference_image"].max() <= 1
-        for key in ("pixel_values", "guide_values", "hands_mask", "frame_indices", "crop_box"):
+        for key in ("pixel_values", "pose_frames", "hand_weights", "frame_indices", "crop_box"):
             assert torch.equal(x[key], y[key]), key
         assert torch.equal(on[i]["reference_image"], y["reference_image"])  # seeded
 
@@ -384,7 +384,7 @@ def test_pitfall_15_pose_colours_survive_video_roundtrip(tmp_path):
     path = write_meta_info(tmp_path, [entry])
     s = ClipDataset(path, width=64, height=96, sample_n_frames=4, interval_frame=1, deterministic=True)[0]
     for k, colour in enumerate(colours):
-        got = s["guide_values"][:, :, 24 * k + 12, 32] * 255  # (F, 3) at the band centre, every frame
+        got = s["pose_frames"][:, :, 24 * k + 12, 32] * 255  # (F, 3) at the band centre, every frame
         assert (got - torch.tensor(colour, dtype=torch.float32)).abs().max() <= 8, (colour, got[0])
         swapped = torch.tensor(colour[::-1].copy(), dtype=torch.float32)
         if colour[0] != colour[2]:
@@ -421,8 +421,8 @@ def test_pitfall_18_crop_agrees_when_pose_resolution_differs(tmp_path):
         s = ds.sample(0, epoch)
         offsets.add(round(float(s["crop_box"][1]), 3))
         rgb = centroid(s["pixel_values"][1].mean(0) > 0.3)
-        pose = centroid(s["guide_values"][1].mean(0) > 0.6)
-        mask = centroid(s["hands_mask"][1, 0] > 1)
+        pose = centroid(s["pose_frames"][1].mean(0) > 0.6)
+        mask = centroid(s["hand_weights"][1, 0] > 1)
         assert np.abs(rgb - pose).max() <= 1.0 and np.abs(rgb - mask).max() <= 1.0, (rgb, pose, mask)
     assert len(offsets) > 2  # the check ran at several crop positions
 
@@ -432,11 +432,11 @@ def test_hands_mask_in_a_sample_has_ones_on_frame_0(tmp_path):
         tmp_path, "h", num_frames=12, detections=detections_json(12, [([[0.1, 0.1], [0.5, 0.5]], 0.8)])
     )
     s = ClipDataset(write_meta_info(tmp_path, [entry]), 64, 96, 4, 2)[0]
-    assert (s["hands_mask"][0] == 1).all()
-    assert all((s["hands_mask"][t] == HAND_WEIGHT).any() for t in range(1, 4))
+    assert (s["hand_weights"][0] == 1).all()
+    assert all((s["hand_weights"][t] == HAND_WEIGHT).any() for t in range(1, 4))
     no_meta = write_entry(tmp_path, "n", num_frames=12, detections=False)
     s = ClipDataset(write_meta_info(tmp_path, [no_meta]), 64, 96, 4, 2)[0]
-    assert (s["hands_mask"] == 1).all()
+    assert (s["hand_weights"] == 1).all()
 
 
 def test_pose_shorter_by_under_25_frames_limits_the_clip(tmp_path):
@@ -445,11 +445,13 @@ def test_pose_shorter_by_under_25_frames_limits_the_clip(tmp_path):
     for epoch in range(10):
         assert ds.sample(0, epoch)["frame_indices"].max() < 12
     far = write_entry(tmp_path, "far", num_frames=37, pose_frames=12)  # 25 apart: an error
-    with pytest.raises(DataCheckError, match=r"entry 0 \(.*far\.mp4\): pose video has 12 frames"):
+    pose = tmp_path / "poses" / "far.mp4"
+    with pytest.raises(DataCheckError, match=rf"entry 0 \(.*far\.mp4\): pose video {pose} has 12 frames"):
         ClipDataset(write_meta_info(tmp_path, [far]), 64, 96, sample_n_frames=4, interval_frame=3)
     ds = ClipDataset(write_meta_info(tmp_path, [far]), 64, 96, 4, 3, check=False)
-    with pytest.raises(SampleError, match="pose video has 12 frames, video has 37"):
+    with pytest.raises(SampleError, match=f"pose video {pose} has 12 frames, video has 37") as info:
         ds[0]
+    assert info.value.path == str(pose)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,7 +478,7 @@ def test_pitfall_16_construction_fails_fast_listing_every_bad_entry(tmp_path):
     with pytest.raises(DataCheckError) as info:
         ClipDataset(path, 64, 96, sample_n_frames=8, interval_frame=2)
     lines = str(info.value).splitlines()
-    assert any(line.startswith("entry 1 (") and "short.mp4): only 5 usable frames" in line for line in lines)
+    assert any(line.startswith("entry 1 (") and "short.mp4: only 5 usable frames" in line for line in lines)
     assert any(line.startswith("entry 2 (") and "video does not exist" in line for line in lines)
     assert any(line.startswith("entry 3 (") and "missing key 'guide_path'" in line for line in lines)
     assert not any(line.startswith("entry 0 ") for line in lines)
@@ -534,8 +536,10 @@ def test_pose_video_with_another_aspect_ratio_fails_fast(tmp_path):
     """The crop is shared in normalised coordinates: right only when both videos frame the same view."""
     entry = write_entry(tmp_path, "square", num_frames=12, size=(128, 192), pose_size=(128, 128))
     path = write_meta_info(tmp_path, [entry])
-    expected = "pose video is 128x128 (aspect 1.000), video is 128x192 (aspect 0.667)"
-    with pytest.raises(DataCheckError, match=r"entry 0 \(.*square\.mp4\): pose video is 128x128") as info:
+    expected = f"pose video {tmp_path / 'poses' / 'square.mp4'} is 128x128 (aspect 1.000), video is 128x192"
+    with pytest.raises(
+        DataCheckError, match=r"entry 0 \(.*square\.mp4\): pose video .*square\.mp4 is 128x128"
+    ) as info:
         ClipDataset(path, 64, 96, sample_n_frames=4, interval_frame=1)
     assert expected in str(info.value)
     unchecked = ClipDataset(path, 64, 96, sample_n_frames=4, interval_frame=1, check=False)

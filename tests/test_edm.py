@@ -178,7 +178,7 @@ def test_add_noise_and_v_target_work_on_image_latents_too():
     torch.testing.assert_close(edm.denoise(noisy, edm.v_target(latents, noise, sigma), sigma), latents)
 
 
-def test_hand_mask_weights_the_pooled_latent_cells():
+def test_hand_weights_weights_the_pooled_latent_cells():
     """The weight map is area-pooled to latent size and multiplies the per-cell error."""
     batch, frames, channels, h, w = 2, 3, 4, 2, 3
     latents = torch.zeros(batch, frames, channels, h, w)
@@ -199,9 +199,9 @@ def test_hand_mask_weights_the_pooled_latent_cells():
     assert edm.pool_to_latent(mask, (h, w)).shape == (batch, frames, 1, h, w)
 
 
-def test_hand_mask_of_the_wrong_shape_is_a_clear_error():
+def test_hand_weights_of_the_wrong_shape_is_a_clear_error():
     latents = torch.zeros(2, 3, 4, 2, 3)
-    with pytest.raises(ValueError, match="hand_mask"):
+    with pytest.raises(ValueError, match="hand_weights"):
         edm.denoising_loss(latents, latents, torch.ones(2), torch.ones(2, 5, 1, 16, 24))
     with pytest.raises(ValueError, match="differ in shape"):
         edm.denoising_loss(latents, latents[:, :2], torch.ones(2))

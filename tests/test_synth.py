@@ -7,12 +7,11 @@ from PIL import Image
 
 from cnx import cli
 from cnx.meta import HAND_THRESHOLD
-from cnx.pose import draw_pose
+from cnx.pose import draw_pose, load_keypoints
 from cnx.profiles import DATA_SAMPLES
 from cnx.synth import (
     VALIDATION_FRAMES,
     dancer_keypoints,
-    load_keypoints,
     random_dancer,
     write_samples,
 )
