@@ -3,12 +3,12 @@
     .venv/bin/python benchmarks/bench_data.py [--clips N] [--threads 1]
 
 Two settings:
-- the seed's: 576x1024, 21 frames, interval 3, on a generated 1080x1920 portrait
+- the original README's: 576x1024, 21 frames, interval 3, on a generated 1080x1920 portrait
   clip (72 frames at 24 fps: a synthetic dancer rendered at 270x480, upscaled,
   with a little sensor-like noise so the encoder does real work) and its pose video;
 - the tiny profile's: 64x96, 8 frames, interval 3, on `data_samples/`.
 
-The baseline is the seed's way of reading: one `vr[i]` call per frame (clip
+The baseline is the original training code's way of reading: one `vr[i]` call per frame (clip
 frames in order, then the reference) for the RGB and the pose video, then a
 float32 antialiased resize. It draws exactly the same frames, crop and mask as
 cnx (same per-sample generator), so only reading and resizing differ. cnx reads
@@ -172,7 +172,7 @@ def run_setting(name: str, ds: ClipDataset, num_clips: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clips", type=int, default=4, help="clips timed per method at the seed's setting")
+    parser.add_argument("--clips", type=int, default=4, help="clips timed per method at the original setting")
     parser.add_argument(
         "--tiny_clips", type=int, default=40, help="clips timed per method at the tiny setting"
     )
@@ -185,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         meta = make_portrait_clip(Path(tmp))
         print(f"generated a 1080x1920 72-frame clip and its pose video in {time.perf_counter() - t0:.1f} s")
-        seed_ds = ClipDataset(meta, width=576, height=1024, sample_n_frames=21, interval_frame=3)
+        orig_ds = ClipDataset(meta, width=576, height=1024, sample_n_frames=21, interval_frame=3)
         results.append(
-            run_setting("seed 576x1024, 21 frames, interval 3 (1080x1920 source)", seed_ds, args.clips)
+            run_setting("original 576x1024, 21 frames, interval 3 (1080x1920 source)", orig_ds, args.clips)
         )
     tiny_meta = DATA_SAMPLES / "meta_info.json"
     if tiny_meta.exists():
@@ -208,15 +208,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['setting']:<58} {r['cnx']:>8.2f} {r['baseline']:>9.2f} {r['ratio']:>5.1f}x"
             f"   {r['cnx_read']:>14.2f} {r['baseline_read']:>9.2f}"
         )
-    seed = results[0]
+    orig = results[0]
     low, high = GPU_STEP_SECONDS
-    per_clip = 1 / seed["cnx"]
+    per_clip = 1 / orig["cnx"]
     workers = max(1, int(np.ceil(per_clip / low)))
     verdict = (
         "one core keeps one GPU fed" if workers == 1 else f"{workers} DataLoader workers per GPU keep it fed"
     )
     print(
-        f"\nseed setting: {per_clip:.2f} s per clip on one core (baseline {1 / seed['baseline']:.2f} s). "
+        f"\noriginal setting: {per_clip:.2f} s per clip on one core (baseline {1 / orig['baseline']:.2f} s). "
         f"One SVD-xt training step (21x576x1024) takes roughly {low:g}-{high:g} s on an A100/H100 "
         f"(outside estimate, not measured here): {verdict}."
     )

@@ -30,7 +30,7 @@ from cnx.video import VideoReadError, container_info, decode_info
 
 MAX_LENGTH_GAP = 25  # pose and RGB frame counts must differ by fewer than this many frames
 # Person boxes come from the detector with padding and often overhang the frame
-# (the seed's own example reaches y = 1.098); training does not use them, so only
+# (the original code's own example reaches y = 1.098); training does not use them, so only
 # a gross overhang (pixel coordinates, swapped axes) is an error. Hand boxes feed
 # the loss weights and must lie inside the frame.
 PERSON_BOX_OVERHANG = 0.25

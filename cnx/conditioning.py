@@ -9,7 +9,7 @@ fourth: the pose control, injected with a per-sample `control_scale`.
 Classifier-free guidance at sampling time runs an unconditional branch with
 the image embedding zeroed, the reference latent zeroed *and* the control off
 (scale 0). Training must show the model exactly that input, so the main
-dropout case switches all three off together (pitfall 12).
+dropout case switches all three off together (pitfall 12 in docs/pitfalls.md).
 
 The reference's noise augmentation here (`noise_augment_reference`) is SVD's
 own: its strength is one of the added time ids. It is not the dataset's

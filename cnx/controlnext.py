@@ -11,6 +11,8 @@ strength.
 The UNet stays diffusers' own `UNetSpatioTemporalConditionModel`; `ControlNeXtSVD`
 wraps it and injects the control with a forward hook that lives only for the
 duration of one call.
+
+Pitfall numbers refer to docs/pitfalls.md.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ entry and the file; nothing is retried with another video. A training loop
 counts them with a `FailureBudget` (see `iterate_with_budget`), which stops
 the run with the full list once more than `max_failure_fraction` of the samples
 seen have failed.
+
+Pitfall numbers refer to docs/pitfalls.md.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from cnx.seeding import stream_generator
 
 logger = logging.getLogger(__name__)
 
-RANDOM_INTERVAL = (2, 7)  # spacing drawn per sample (inclusive) when interval_frame <= 0, as in the seed
+RANDOM_INTERVAL = (2, 7)  # spacing drawn per sample (inclusive) when interval_frame <= 0, as originally
 HAND_WEIGHT = 1 + 4 * 0.8  # loss weight inside confident hand boxes (1 elsewhere)
 HAND_MARGIN_PX = 10  # hand boxes grow by this many pixels of the source video on each side
 
@@ -70,7 +72,7 @@ def _uniform(generator: torch.Generator, low: float = 0.0, high: float = 1.0) ->
 def sample_frame_indices(
     video_length: int, sample_n_frames: int, interval_frame: int, generator: torch.Generator
 ) -> tuple[np.ndarray, int]:
-    """Indices (F,) of one clip and the spacing used, with the seed's semantics.
+    """Indices (F,) of one clip and the spacing used, with the original code's semantics.
 
     Frames are `interval_frame` apart (<= 0: a spacing drawn uniformly from
     [2, 7] for this sample); the spacing shrinks when the video is too short for
@@ -144,7 +146,7 @@ def crop_window(src_width: int, src_height: int, width: int, height: int, offset
 
     `offset` in [0, 1] places it along the axis that is cropped (0.5: centred).
     Normalised, so the same window cuts the same content out of the pose video
-    and the hand weights whatever their resolution (the seed applied a pixel window
+    and the hand weights whatever their resolution (the original code applied a pixel window
     computed from the RGB size to the pose video too).
     """
     if not 0.0 <= offset <= 1.0:
@@ -208,7 +210,7 @@ def hand_weights(
     A hand is confident when its mean keypoint score exceeds `threshold`; its box
     grows by `margin_px` pixels of the source video (`source_size` = (width,
     height)) on each side. Overlapping boxes take the maximum, so an unconfident
-    box never lowers a confident one (the seed assigned, so the box drawn last
+    box never lowers a confident one (the original code assigned, so the box drawn last
     won). Computed at output pixel centres mapped back through the normalised
     crop `box`, so the weights line up with the cropped frames. A frame given as
     None gets all ones. `size` is the output (width, height).
@@ -410,7 +412,7 @@ def cached_detections(path: str | Path) -> tuple[FrameDetections, ...]:
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Training clips for ControlNeXt-SVD from a meta_info.json (the seed's `--dataset_type ubc`).
+    """Training clips for ControlNeXt-SVD from a meta_info.json (the original code's `--dataset_type ubc`).
 
     Each item is a dict:
       pixel_values    (F, 3, H, W) in [-1, 1]  RGB frames; frame 0 is the reference frame

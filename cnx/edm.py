@@ -36,7 +36,7 @@ SIGMA_MAX = 700.0
 LOGNORMAL_P_MEAN = 0.7
 LOGNORMAL_P_STD = 1.6
 
-# The seed's "cosine interpolated" sampler, kept for comparison (median ~= 0.71).
+# The original training code's "cosine interpolated" sampler, kept for comparison (median ~= 0.71).
 COSINE_IMAGE_D = 64  # resolution the schedule is calibrated for
 COSINE_NOISE_D_LOW = 32  # schedule shifted as for a 32-pixel image: more noise, used at high noise
 COSINE_NOISE_D_HIGH = 64  # schedule shifted as for a 64-pixel image: no shift, used at low noise
@@ -105,9 +105,9 @@ def cosine_interpolated_sigma(
 
 
 def cosine_interpolated_sigmas(n: int, generator: torch.Generator, **schedule: float) -> torch.Tensor:
-    """(n,) float32 sigmas from the cosine-interpolated schedule at uniform t (the seed's sampler).
+    """(n,) float32 sigmas from the cosine-interpolated schedule at uniform t (the original code's sampler).
 
-    The seed stratified t over the batch; that changes which sample gets which
+    The original code stratified t over the batch; that changes which sample gets which
     sigma, not the distribution of sigmas, so plain uniform t is used here.
     """
     t = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float32)
@@ -124,7 +124,8 @@ def sample_sigmas(
     """(n,) float32 training noise levels, one per sample, drawn from `generator` only.
 
     `kind="lognormal"` (default) matches SVD's sigma_data = 1 preconditioning;
-    `"cosine_interpolated"` is the seed's sampler, whose sigma_data = 0.5 does not (pitfall 13).
+    `"cosine_interpolated"` is the original code's sampler, whose sigma_data = 0.5 does not
+    (pitfall 13 in docs/pitfalls.md).
     """
     if generator is None:
         raise ValueError(

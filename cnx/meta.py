@@ -1,4 +1,4 @@
-"""The seed's data index: `meta_info.json`, per-frame detection json, and `cnx build-meta`.
+"""The original training code's data index: `meta_info.json`, per-frame detection json, and `cnx build-meta`.
 
 `meta_info.json` is a json list with one object per training video:
 

@@ -353,7 +353,7 @@ def load_keypoints(path: str | Path) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Boxes and the per-frame detection json (the seed's `meta_info/<n>.json` schema).
+# Boxes and the per-frame detection json (the original code's `meta_info/<n>.json` schema).
 
 
 def box_from_points(points, margin: float = 0.1) -> list[list[float]]:
@@ -372,7 +372,7 @@ def hand_boxes(hands, margin: float = 0.1) -> list[list[list[float]]]:
     """One box per hand from (2, 21, 2) normalised hand keypoints (see `box_from_points`).
 
     All 21 points count, confident or not: the score says how sure the detector is,
-    and the seed keeps it next to the box (`hands_score`) for the loss weights.
+    and the original code keeps it next to the box (`hands_score`) for the loss weights.
     """
     hands = _as_points("hands", hands, (2, 21, 2))
     return [box_from_points(points, margin) for points in hands]

@@ -28,7 +28,7 @@ import numpy as np
 from cnx.pose import Keypoints, detection_entry, draw_pose, save_keypoints
 
 SUPERSAMPLE = 2  # RGB frames are drawn at 2x and box-filtered down: smooth edges, like a camera
-VALIDATION_FRAMES = 14  # the seed's validation folder holds 0.png..13.png
+VALIDATION_FRAMES = 14  # the original README's validation folder holds 0.png..13.png
 VALIDATION_STRIDE = 3  # frames between validation images (the tiny profile's interval_frame)
 
 SKIN_TONES = ((255, 224, 196), (241, 194, 150), (224, 172, 105), (198, 134, 66), (141, 85, 36), (92, 58, 38))

@@ -3,7 +3,8 @@
 Every load is strict, so a wrong file fails loudly instead of silently
 loading nothing (pitfall 2); the reader is chosen from each file's own
 extension (pitfall 1); `.bin` files are read with `weights_only=True`, which
-refuses anything but tensors and plain containers (pitfall 5).
+refuses anything but tensors and plain containers (pitfall 5). Pitfall numbers
+refer to docs/pitfalls.md.
 """
 
 from __future__ import annotations

@@ -28,11 +28,11 @@ def decode_index(values: np.ndarray, scale: float = 1.0) -> int:
 
 
 def detections_json(num_frames: int, hands: list[tuple[list, float]] | None = None) -> list[dict]:
-    """Per-frame detections in the seed's schema; `hands` = [(box [[x0,y0],[x1,y1]], mean score)]."""
+    """Per-frame detections in the original code's schema; `hands` = [(box [[x0,y0],[x1,y1]], mean score)]."""
     hands = hands or []
     return [
         {
-            "boxes": [[[0.2, 0.1], [0.8, 1.05]]],  # person boxes may overhang the frame, as in the seed
+            "boxes": [[[0.2, 0.1], [0.8, 1.05]]],  # person boxes may overhang the frame, as originally
             "hands_boxes": [box for box, _ in hands],
             "hands_score": [[score] * 21 for _, score in hands],
         }

@@ -108,7 +108,7 @@ def test_unreadable_meta_info_is_a_file_level_error(tmp_path, capsys):
 
 def test_detection_problems_rules():
     ok = frame(boxes=[[[0.2, 0.26], [0.66, 1.098]]], hands=[[[0.1, 0.1], [0.2, 0.2]]], scores=[[0.7] * 21])
-    assert detection_problems([ok, ok], num_frames=2) == []  # the seed's overhanging person box is fine
+    assert detection_problems([ok, ok], num_frames=2) == []  # the original example's overhanging box is fine
     assert detection_problems([ok], num_frames=2) == ["detections cover 1 frames but the video has 2"]
     pixels = frame(boxes=[[[120, 80], [400, 900]]])
     assert detection_problems([pixels], 1) == [

@@ -1,4 +1,7 @@
-"""cnx.conditioning: per-rank generators, reference noise augmentation, added time ids, dropout."""
+"""cnx.conditioning: per-rank generators, reference noise augmentation, added time ids, dropout.
+
+Pitfall numbers refer to docs/pitfalls.md.
+"""
 
 import inspect
 from types import SimpleNamespace

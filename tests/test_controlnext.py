@@ -1,4 +1,7 @@
-"""ControlNeXt: the published encoder's layout, output shapes, cross-normalised injection into the UNet."""
+"""ControlNeXt: the published encoder's layout, output shapes, cross-normalised injection into the UNet.
+
+Pitfall numbers refer to docs/pitfalls.md.
+"""
 
 import json
 import math

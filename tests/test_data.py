@@ -1,4 +1,4 @@
-"""Clip sampling, geometry, hand masks and the ClipDataset (pitfalls 15-19)."""
+"""Clip sampling, geometry, hand masks and the ClipDataset (pitfalls 15-19 in docs/pitfalls.md)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from clip_fixtures import (
     corrupt_middle,
     decode_index,
     detections_json,
+    index_frames,
     noise_frames,
     write_dataset,
     write_entry,
     write_meta_info,
 )
 
+import cnx.data
 import cnx.video
 from cnx.checks import DataCheckError
 from cnx.data import (
@@ -68,6 +70,29 @@ def dataset_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("clips")
     write_dataset(folder, num_entries=3, num_frames=30)
     return folder
+
+
+CODED = 8  # entries of coded_dir: a random order of 8 entries is the json order once in 40320
+
+
+@pytest.fixture(scope="module")
+def coded_dir(tmp_path_factory) -> Path:
+    """Short clips with their own content: frame i of entry k is an index video's frame k + i."""
+    folder = tmp_path_factory.mktemp("coded")
+    entries = []
+    for k in range(CODED):
+        frames = index_frames(k + 12)[k:]  # 12 frames coded k .. k + 11
+        entries.append(write_entry(folder, f"clip{k}", num_frames=12, video=frames, pose=frames))
+    write_meta_info(folder, entries)
+    return folder
+
+
+def entry_of(sample: dict) -> set[int]:
+    """The coded_dir entries a sample's RGB and pose frames came from (frame code minus frame index)."""
+    indices = sample["frame_indices"].tolist()
+    rgb = [decode_index((f + 1) / 2) - i for f, i in zip(sample["pixel_values"], indices, strict=True)]
+    pose = [decode_index(f) - i for f, i in zip(sample["pose_frames"], indices, strict=True)]
+    return set(rgb + pose)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +213,7 @@ def test_crop_resize_is_antialiased():
 
 
 def test_pitfall_17_low_confidence_box_never_lowers_an_overlapping_confident_one():
-    """Pitfall 17: the seed assigned mask values, so the box drawn last won."""
+    """Pitfall 17: the original code assigned mask values, so the box drawn last won."""
     box = CropBox(0, 0, 1, 1)
     confident, weak = ([[0.2, 0.2], [0.6, 0.6]], 0.9), ([[0.4, 0.4], [0.8, 0.8]], 0.2)
     for order in ((confident, weak), (weak, confident)):
@@ -325,16 +350,18 @@ def test_training_mode_draws_new_clips_and_crops_each_epoch(dataset_dir):
     assert len({y0 for _, _, y0 in drawn}) > 1  # random crop offsets in training
 
 
-def test_pitfall_19_samples_do_not_depend_on_instance_order_or_global_rng(dataset_dir):
-    """Pitfall 19: the seed shuffled meta_info per rank with no seed. Here entries keep json order and a
-    sample is a function of (seed, epoch, index) only: same on every rank and worker, any draw order."""
-    path = dataset_dir / "meta_info.json"
-    a = ClipDataset(path, width=64, height=96, sample_n_frames=8, interval_frame=0, seed=5)
-    b = ClipDataset(path, width=64, height=96, sample_n_frames=8, interval_frame=0, seed=5)
-    assert [e.video_path.name for e in a.entries] == ["clip0.mp4", "clip1.mp4", "clip2.mp4"]
-    forward = [a.sample(i, epoch=3) for i in range(3)]
+def test_pitfall_19_samples_do_not_depend_on_instance_order_or_global_rng(coded_dir):
+    """Pitfall 19: the original code shuffled meta_info per rank with no seed. Here entries keep json
+    order and a sample is a function of (seed, epoch, index) only: same on every rank and worker,
+    any draw order."""
+    path = coded_dir / "meta_info.json"
+    a = ClipDataset(path, width=64, height=96, sample_n_frames=4, interval_frame=0, seed=5)
+    b = ClipDataset(path, width=64, height=96, sample_n_frames=4, interval_frame=0, seed=5)
+    assert [e.video_path.name for e in a.entries] == [f"clip{k}.mp4" for k in range(CODED)]
+    forward = [a.sample(i, epoch=3) for i in range(CODED)]
+    assert [entry_of(s) for s in forward] == [{k} for k in range(CODED)]  # each index reads its own entry
     torch.manual_seed(123)  # global RNG must not matter
-    backward = [b.sample(i, epoch=3) for i in reversed(range(3))][::-1]
+    backward = [b.sample(i, epoch=3) for i in reversed(range(CODED))][::-1]
     for x, y in zip(forward, backward, strict=True):
         assert torch.equal(x["pixel_values"], y["pixel_values"])
         assert torch.equal(x["frame_indices"], y["frame_indices"])
@@ -343,24 +370,25 @@ def test_pitfall_19_samples_do_not_depend_on_instance_order_or_global_rng(datase
     a.sample(0, epoch=3)
     assert torch.equal(before[0], torch.get_rng_state())
     assert np.array_equal(before[1], np.random.get_state()[1]) and before[2] == random.getstate()
-    other = ClipDataset(path, width=64, height=96, sample_n_frames=8, interval_frame=0, seed=6)
+    other = ClipDataset(path, width=64, height=96, sample_n_frames=4, interval_frame=0, seed=6)
     assert any(
-        not torch.equal(other.sample(i, 3)["frame_indices"], forward[i]["frame_indices"]) for i in range(3)
+        not torch.equal(other.sample(i, 3)["frame_indices"], forward[i]["frame_indices"])
+        for i in range(CODED)
     )
 
 
-def test_pitfall_19_dataloader_workers_give_the_same_samples(dataset_dir):
-    """Pitfall 19: with workers (as on several ranks) each index still maps to one sample."""
-    ds = ClipDataset(dataset_dir / "meta_info.json", width=64, height=96, sample_n_frames=8, interval_frame=0)
+def test_pitfall_19_dataloader_workers_give_the_same_samples(coded_dir):
+    """Pitfall 19: with workers (as on several ranks) each index still maps to its own entry's sample."""
+    ds = ClipDataset(coded_dir / "meta_info.json", width=64, height=96, sample_n_frames=4, interval_frame=0)
     ds.set_epoch(2)
-    in_process = [ds[i]["frame_indices"] for i in range(3)]
-    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2)
-    from_workers = [batch["frame_indices"][0] for batch in loader]
-    assert all(torch.equal(x, y) for x, y in zip(in_process, from_workers, strict=True))
+    in_process = [ds[i]["frame_indices"] for i in range(CODED)]
+    from_workers = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))  # uncollated
+    assert [entry_of(s) for s in from_workers] == [{k} for k in range(CODED)]
+    assert all(torch.equal(x, s["frame_indices"]) for x, s in zip(in_process, from_workers, strict=True))
 
 
 def test_pitfall_19_ref_augment_changes_only_the_reference_and_only_when_on(dataset_dir):
-    """Pitfall 19: the seed accepted --ref_augment and ignored it."""
+    """Pitfall 19: the original code accepted --ref_augment and ignored it."""
     path = dataset_dir / "meta_info.json"
     off = ClipDataset(path, width=64, height=96, sample_n_frames=8, interval_frame=3, seed=1)
     on = ClipDataset(path, width=64, height=96, sample_n_frames=8, interval_frame=3, seed=1, ref_augment=True)
@@ -374,8 +402,28 @@ def test_pitfall_19_ref_augment_changes_only_the_reference_and_only_when_on(data
         assert torch.equal(on[i]["reference_image"], y["reference_image"])  # seeded
 
 
+def test_pitfall_19_ref_augment_draws_new_jitter_per_sample_and_epoch(coded_dir, monkeypatch):
+    """Pitfalls 10 and 19: the reference jitter comes from the sample's own (seed, epoch, index) stream."""
+    drawn = []
+
+    def spy(image, generator, **kwargs):
+        out, params = augment_reference(image, generator, **kwargs)
+        drawn.append(tuple(params.values()))
+        return out, params
+
+    monkeypatch.setattr(cnx.data, "augment_reference", spy)
+    keys = [(epoch, index) for epoch in range(2) for index in range(4)]
+    images = []
+    for _ in range(2):  # a fresh dataset each time: the same (seed, epoch, index) repeats exactly
+        ds = ClipDataset(coded_dir / "meta_info.json", 64, 96, 4, interval_frame=3, seed=1, ref_augment=True)
+        images.append([ds.sample(index, epoch)["reference_image"] for epoch, index in keys])
+    first, again = drawn[: len(keys)], drawn[len(keys) :]
+    assert len(set(first)) == len(keys), first  # a new jitter for every index and every epoch
+    assert again == first and all(torch.equal(x, y) for x, y in zip(*images, strict=True))
+
+
 def test_pitfall_15_pose_colours_survive_video_roundtrip(tmp_path):
-    """Pitfall 15: the seed swapped channels after decord (which returns RGB): pose colours changed."""
+    """Pitfall 15: the original code swapped channels after decord (which returns RGB): wrong pose colours."""
     colours = np.array([[255, 0, 0], [255, 170, 0], [0, 255, 85], [170, 0, 255]], np.uint8)
     frame = np.zeros((96, 64, 3), np.uint8)
     for k, colour in enumerate(colours):
@@ -392,25 +440,26 @@ def test_pitfall_15_pose_colours_survive_video_roundtrip(tmp_path):
 
 
 def test_pitfall_18_crop_agrees_when_pose_resolution_differs(tmp_path):
-    """Pitfall 18: the seed cropped the pose video with a pixel window computed from the RGB size."""
+    """Pitfall 18: the original code cropped the pose video with a pixel window computed from the RGB size."""
 
     def marked(width: int, height: int) -> np.ndarray:
         frame = np.full((height, width, 3), 40, np.uint8)
-        frame[int(0.4 * height) : int(0.6 * height), int(0.55 * width) : int(0.8 * width)] = 255
+        frame[3 * height // 8 : 5 * height // 8, width // 2 : 3 * width // 4] = 255  # exact at both sizes
         return frame
 
-    box = [[0.55, 0.4], [0.8, 0.6]]
     entry = write_entry(
         tmp_path,
         "marked",
-        num_frames=12,
-        size=(128, 192),
-        video=[marked(128, 192)] * 12,
-        pose=[marked(64, 96)] * 12,  # half the resolution, same field of view
-        detections=detections_json(12, hands=[(box, 0.9)]),
+        num_frames=8,
+        size=(256, 384),
+        video=[marked(256, 384)] * 8,
+        pose=[marked(64, 96)] * 8,  # a quarter of the resolution, same field of view
+        detections=detections_json(8, hands=[([[0.5, 0.375], [0.75, 0.625]], 0.9)]),
     )
     path = write_meta_info(tmp_path, [entry])
-    ds = ClipDataset(path, width=64, height=64, sample_n_frames=4, interval_frame=1)  # square: crops height
+    # A square output crops the height. RGB decodes at about 130x194, the pose video stays 64x96, so
+    # the RGB pixel window cut out of the pose video would miss the mark by about 30 output pixels.
+    ds = ClipDataset(path, width=128, height=128, sample_n_frames=4, interval_frame=1)
 
     def centroid(region: torch.Tensor) -> np.ndarray:
         ys, xs = torch.nonzero(region, as_tuple=True)
@@ -419,11 +468,17 @@ def test_pitfall_18_crop_agrees_when_pose_resolution_differs(tmp_path):
     offsets = set()
     for epoch in range(6):
         s = ds.sample(0, epoch)
-        offsets.add(round(float(s["crop_box"][1]), 3))
-        rgb = centroid(s["pixel_values"][1].mean(0) > 0.3)
-        pose = centroid(s["pose_frames"][1].mean(0) > 0.6)
-        mask = centroid(s["hand_weights"][1, 0] > 1)
-        assert np.abs(rgb - pose).max() <= 1.0 and np.abs(rgb - mask).max() <= 1.0, (rgb, pose, mask)
+        x0, y0, x1, y1 = s["crop_box"].tolist()
+        offsets.add(round(y0, 3))
+        # The mark's centre (x 0.625, y 0.5 of the source) in output pixel coordinates (row, column).
+        expected = np.array([(0.5 - y0) / (y1 - y0), (0.625 - x0) / (x1 - x0)]) * 128 - 0.5
+        regions = {
+            "rgb": s["pixel_values"][1].mean(0) > 0.3,
+            "pose": s["pose_frames"][1].mean(0) > 0.6,
+            "hand mask": s["hand_weights"][1, 0] > 1,
+        }
+        for name, region in regions.items():  # within 2 px: the crop rounds to whole (2-px) pose pixels
+            assert np.abs(centroid(region) - expected).max() <= 2.0, (name, centroid(region), expected)
     assert len(offsets) > 2  # the check ran at several crop positions
 
 

@@ -1,4 +1,7 @@
-"""cnx.edm: sigma samplers, preconditioning, denoiser and loss, checked against diffusers' SVD scheduler."""
+"""cnx.edm: sigma samplers, preconditioning, denoiser and loss, checked against diffusers' SVD scheduler.
+
+Pitfall numbers refer to docs/pitfalls.md.
+"""
 
 import math
 
@@ -23,14 +26,19 @@ def test_append_dims_broadcasts_per_sample_values_over_video_latents():
 
 
 def test_pitfall_13_sampler_medians_lognormal_2_vs_cosine_interpolated_0_71():
-    """Pitfall 13: the seed's sampler (sigma_data 0.5) trains around sigma 0.71, log-normal around 2.0."""
+    """Pitfall 13: the original sampler (sigma_data 0.5) trains around sigma 0.71, log-normal around 2.0."""
     n = 200_000
     lognormal = edm.sample_sigmas(n, "lognormal", _generator(1))
     cosine = edm.sample_sigmas(n, "cosine_interpolated", _generator(2))
     assert lognormal.median().item() == pytest.approx(math.exp(0.7), rel=0.02)
+    # The spread is pinned too (P_std = 1.6): the std of ln sigma and the 5% / 95% quantiles.
+    assert lognormal.log().std().item() == pytest.approx(1.6, rel=0.02)
+    tails = torch.quantile(lognormal, torch.tensor([0.05, 0.95]))
+    expected_tails = torch.exp(0.7 + torch.tensor([-1.645, 1.645]) * 1.6)
+    torch.testing.assert_close(tails, expected_tails, rtol=0.05, atol=0)
     assert cosine.median().item() == pytest.approx(0.71, rel=0.02)
     # The tails pin how the two shifted cosines are blended (a swapped blend has the same median):
-    # reference quantiles of the seed's sampler at 5%, 25%, 75% and 95%.
+    # reference quantiles of the original code's sampler at 5%, 25%, 75% and 95%.
     quantiles = edm.cosine_interpolated_sigma(torch.tensor([0.05, 0.25, 0.75, 0.95]))
     torch.testing.assert_close(quantiles, torch.tensor([0.043, 0.249, 2.04, 11.99]), rtol=0.03, atol=0)
     # The default is the sampler that matches the sigma_data = 1 preconditioning.
@@ -101,12 +109,22 @@ def test_pitfall_11_bf16_inputs_give_float32_coefficients_and_loss():
     """Pitfall 11: sigmas, coefficients, denoised latents and the loss stay float32 under bf16 models."""
     sigma32 = edm.sample_sigmas(16, "lognormal", _generator(11))
     sigma16 = sigma32.to(torch.bfloat16)
-    for ours, reference in zip(edm.precondition(sigma16), edm.precondition(sigma16.float()), strict=True):
-        assert ours.dtype == torch.float32
-        assert torch.equal(ours, reference)
-    # The guard has teeth: the same coefficients computed in bf16 are visibly off.
-    c_noise_bf16 = 0.25 * torch.log(sigma16)
-    assert (c_noise_bf16.float() - edm.precondition(sigma16)[3]).abs().max() > 1e-3
+    # Reference values in float64 from the formulas, for the (bf16-representable) sigmas given.
+    s = sigma16.double()
+    expected = {
+        "c_skip": 1 / (s**2 + 1),
+        "c_out": -s / (s**2 + 1).sqrt(),
+        "c_in": 1 / (s**2 + 1).sqrt(),
+        "c_noise": 0.25 * s.log(),
+        "loss_weight": (1 + s**2) / s**2,
+    }
+    ours = dict(zip(expected, (*edm.precondition(sigma16), edm.loss_weight(sigma16)), strict=True))
+    for name, value in ours.items():
+        assert value.dtype == torch.float32, name
+        # float32 precision: any of them computed in bf16 is off by ~1e-3 relative.
+        torch.testing.assert_close(
+            value.double(), expected[name], rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
     latents = torch.randn(2, 3, 4, 6, 5, generator=_generator(12)).to(torch.bfloat16)
     output = torch.randn(2, 3, 4, 6, 5, generator=_generator(13)).to(torch.bfloat16)

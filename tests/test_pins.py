@@ -1,4 +1,4 @@
-"""Training depends on exact versions (the seed saw convergence vanish after upgrades): keep pins exact."""
+"""Keep pins exact: the original code's authors saw training stop converging after dependency upgrades."""
 
 import re
 import tomllib

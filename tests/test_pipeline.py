@@ -256,7 +256,9 @@ def test_pose_and_reference_formats_give_the_same_video(pipe, inputs):
     expected = run(pipe, (small, poses, latents), output_type="pt")
     for ref in (np.array(small), torch.from_numpy(np.array(small)).permute(2, 0, 1).float() / 255):
         # PIL and array references reach the VAE through diffusers' two preprocessing paths: float noise.
-        torch.testing.assert_close(run(pipe, (ref, poses, latents), output_type="pt"), expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            run(pipe, (ref, poses, latents), output_type="pt"), expected, atol=1e-4, rtol=0
+        )
 
 
 def test_output_types_and_decoding_in_chunks(pipe, inputs, monkeypatch):

@@ -1,6 +1,12 @@
-"""Strict weight loading: released .bin files, safetensors, diffusers folders, training-wrapper prefixes."""
+"""Strict weight loading: released .bin files, safetensors, diffusers folders, training-wrapper prefixes.
+
+Pitfall numbers refer to docs/pitfalls.md.
+"""
+
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from diffusers import UNetSpatioTemporalConditionModel
 from safetensors.torch import save_file
@@ -100,8 +106,21 @@ def test_pitfall_2_unet_only_keys_given_to_the_controlnext_loader_raise(tmp_path
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing was loaded
 
 
-def test_pitfall_1_unet_safetensors_loads_while_controlnext_is_a_bin(tmp_path, unet):
+def test_pitfall_1_unet_safetensors_loads_while_controlnext_is_a_bin(tmp_path, unet, monkeypatch):
     """Pitfall 1: each loader reads its own file's extension, not the other model's."""
+    # Spy on the readers: this torch's torch.load also reads a .safetensors file (through
+    # safetensors' load_file), so success alone would not show which reader cnx called first.
+    read_by = {}
+
+    def spy(reader, real):
+        def read(path, *args, **kwargs):
+            read_by.setdefault(Path(path).name, reader)
+            return real(path, *args, **kwargs)
+
+        return read
+
+    monkeypatch.setattr(safetensors.torch, "load_file", spy("safetensors", safetensors.torch.load_file))
+    monkeypatch.setattr(torch, "load", spy("torch.load", torch.load))
     trained = fresh_controlnext(4)
     torch.save(trained.state_dict(), tmp_path / "controlnet.bin")
     save_file(unet.state_dict(), tmp_path / "unet.safetensors")
@@ -109,6 +128,7 @@ def test_pitfall_1_unet_safetensors_loads_while_controlnext_is_a_bin(tmp_path, u
     other_unet = build_tiny_components(seed=6, num_frames=4)[0]
     load_unet_state(other_unet, tmp_path / "unet.safetensors")
     assert same_weights(controlnext, trained) and same_weights(other_unet, unet)
+    assert read_by == {"controlnet.bin": "torch.load", "unet.safetensors": "safetensors"}
     # And the other way round: a safetensors ControlNeXt with a .bin UNet.
     save_file(trained.state_dict(), tmp_path / "controlnext.safetensors")
     torch.save(unet.state_dict(), tmp_path / "unet.bin")
@@ -118,6 +138,7 @@ def test_pitfall_1_unet_safetensors_loads_while_controlnext_is_a_bin(tmp_path, u
     assert same_weights(
         load_unet_state(build_tiny_components(seed=7, num_frames=4)[0], tmp_path / "unet.bin"), unet
     )
+    assert read_by["controlnext.safetensors"] == "safetensors" and read_by["unet.bin"] == "torch.load"
 
 
 def test_unet_loads_from_pipeline_unet_and_sharded_folders(tmp_path):
