@@ -27,6 +27,7 @@ REQUIRED = {
     "tensorboard",
     "tqdm",
     "av",
+    "torchmetrics",
 }
 
 
