@@ -173,6 +173,40 @@ def pose_uint8(pose_frames) -> np.ndarray:
     return pose_frames
 
 
+def pose_track_frames(
+    track: dict,
+    reference: torch.Tensor,
+    align: bool,
+    reference_keypoints=None,
+    pose_detector=None,
+) -> np.ndarray:
+    """(F, h, w, 3) uint8 pose images drawn from a keypoint track, aligned to the reference person if `align`.
+
+    track: `cnx.pose.load_keypoints`' dict (body, body_scores, hands, hand_scores,
+    size (H, W) of the driving video). Aligned poses are drawn at the reference's
+    size (they are normalised to it), others at the driving video's size; both
+    are then cropped and resized like any pose frames.
+    """
+    from cnx.pose import align_track, render_pose_track
+
+    if "size" not in track:
+        raise ValueError("a keypoint track needs 'size' (height, width) of the video it was read from")
+    if not align:
+        height, width = (int(v) for v in track["size"])
+        return render_pose_track(track, height, width)
+    reference_size = (reference.shape[2], reference.shape[3])
+    if reference_keypoints is None:
+        if pose_detector is None:
+            raise ValueError(
+                "align_poses needs the reference's keypoints: pass reference_keypoints or pose_detector"
+            )
+        image = (reference[0].permute(1, 2, 0) * 255).round().byte().numpy()  # (H, W, 3) uint8
+        body, body_scores, *_ = pose_detector(image)
+        reference_keypoints = {"body": body, "body_scores": body_scores}
+    aligned = align_track(track, reference_keypoints, tuple(int(v) for v in track["size"]), reference_size)
+    return render_pose_track(aligned, *reference_size)
+
+
 def fit_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     """(F, H, W, 3) uint8 -> (F, 3, height, width) uint8: centre crop to the output's aspect, then resize.
 
@@ -237,14 +271,20 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        align_poses: bool = False,
+        reference_keypoints=None,
+        pose_detector=None,
     ):
         """Animate `reference_image` along `pose_frames`; one video of len(pose_frames) frames.
 
         reference_image: PIL image, (H, W, 3) array or (3, H, W) tensor in [0, 1];
         centre-cropped to the output's aspect when it differs by more than 1%, then
         resized as diffusers' pipeline does. pose_frames: list of PIL images,
-        (F, H, W, 3) uint8 array or (F, 3, H, W) tensor in [0, 1]; cropped and resized
-        like the training data. height/width default to the reference's size
+        (F, H, W, 3) uint8 array or (F, 3, H, W) tensor in [0, 1], or a keypoint track
+        (`cnx.pose.load_keypoints`' dict) drawn here; cropped and resized like the
+        training data. `align_poses` moves and scales a track from another person onto
+        the reference person (`reference_keypoints`, or found by `pose_detector`, a
+        `cnx.pose.PoseDetector`). height/width default to the reference's size
         (multiples of 8). `control_scale` 0 switches the control off;
         `max_guidance_scale` <= 1 skips the unconditional half. Windows of
         `frames_per_batch` frames (default: the UNet's `num_frames`) sharing
@@ -253,11 +293,18 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         reference = reference_tensor(reference_image)  # (1, 3, H0, W0) in [0, 1]
-        poses = pose_uint8(pose_frames)  # (F, h0, w0, 3) uint8
         height = height or reference.shape[2]
         width = width or reference.shape[3]
         if height % 8 or width % 8:
             raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        reference = self._crop_to_aspect(reference, height, width)
+        if isinstance(pose_frames, dict):
+            pose_frames = pose_track_frames(
+                pose_frames, reference, align_poses, reference_keypoints, pose_detector
+            )
+        elif align_poses:
+            raise ValueError("align_poses needs the driving keypoints: pass pose_frames as a keypoint track")
+        poses = pose_uint8(pose_frames)  # (F, h0, w0, 3) uint8
         num_frames = len(poses)
         frames_per_batch = frames_per_batch or self.unet.config.num_frames
         windows = frame_windows(num_frames, frames_per_batch, min(overlap, frames_per_batch - 1))
@@ -267,7 +314,6 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         use_control = self.controlnext is not None and control_scale != 0
 
         # 1. The reference, as SVD sees it: CLIP embedding, and the noised VAE latent.
-        reference = self._crop_to_aspect(reference, height, width)
         image_embeddings = embed_reference(self.image_encoder, reference * 2 - 1, self.feature_extractor)
         vae_input = self._vae_input(reference_image, reference, height, width).to(device)  # (1, 3, H, W)
         if generator is None:  # diffusers draws from the global RNG then; so does this, once

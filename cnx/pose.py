@@ -305,6 +305,53 @@ def align_pose(
     return AlignedPose(body=body, hands=hands, scale=scale, offset=offset)
 
 
+def render_pose_track(track: dict, height: int, width: int, threshold: float = 0.3) -> np.ndarray:
+    """(F, H, W, 3) uint8 pose images of a keypoint track (`load_keypoints`' dict: body, body_scores,
+    hands, hand_scores; hands optional), drawn with `draw_pose` at height x width."""
+    body = np.asarray(track["body"])
+    hands, hand_scores = track.get("hands"), track.get("hand_scores")
+    return np.stack(
+        [
+            draw_pose(
+                body[t],
+                track["body_scores"][t],
+                None if hands is None else hands[t],
+                None if hand_scores is None else hand_scores[t],
+                height,
+                width,
+                threshold,
+            )
+            for t in range(len(body))
+        ]
+    )
+
+
+def align_track(
+    track: dict, reference, driving_size: tuple[int, int], reference_size: tuple[int, int], **fit_options
+) -> dict:
+    """A keypoint track moved and scaled onto the reference person (`align_pose`), scores unchanged.
+
+    `reference` has `body` (18, 2) and `body_scores` (18,) (a `Keypoints` or a
+    dict); sizes are (height, width) of the driving video and the reference image.
+    The result is normalised to the reference image.
+    """
+    get = reference.get if isinstance(reference, dict) else lambda name: getattr(reference, name)
+    aligned = align_pose(
+        track["body"],
+        track["body_scores"],
+        get("body"),
+        get("body_scores"),
+        track.get("hands"),
+        driving_size=driving_size,
+        reference_size=reference_size,
+        **fit_options,
+    )
+    result = {**track, "body": aligned.body, "size": np.array(reference_size, dtype=np.int32)}
+    if aligned.hands is not None:
+        result["hands"] = aligned.hands
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # Known poses: one frame's keypoints, and a clip's saved as .npz (data_samples/keypoints/).
 

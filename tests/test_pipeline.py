@@ -301,3 +301,77 @@ def test_save_and_load_with_the_controlnext_from_a_path(pipe, inputs, tmp_path):
     for loaded in (again, from_path):
         loaded.set_progress_bar_config(disable=True)
         np.testing.assert_array_equal(run(loaded, inputs), run(pipe, inputs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Driving poses from another person
+
+
+def dancer_track(seed, width, height, num_frames=6):
+    from cnx.synth import dancer_keypoints, random_dancer
+
+    dancer = random_dancer(np.random.default_rng([seed, 0]), num_frames, width=width, height=height)
+    points = [dancer_keypoints(dancer, t) for t in range(num_frames)]
+    track = {
+        name: np.stack([getattr(k, name) for k in points])
+        for name in ("body", "body_scores", "hands", "hand_scores")
+    }
+    return dancer, {**track, "size": np.array([height, width])}
+
+
+def torso_gap(body, reference_body, size):
+    """Mean pixel distance between neck, shoulders and hips of two normalised bodies (18, 2)."""
+    torso = [1, 2, 5, 8, 11]
+    return np.linalg.norm((body[torso] - reference_body[torso]) * np.array(size[::-1]), axis=1).mean()
+
+
+def test_align_poses_moves_another_dancers_motion_onto_the_reference_person(pipe, monkeypatch):
+    from cnx.pipeline import fit_frames
+    from cnx.pose import align_track, render_pose_track
+    from cnx.synth import render_frame
+
+    dancer, reference_track = dancer_track(1, 128, 192)
+    _, driving = dancer_track(7, 192, 160)  # another dancer, another framing and aspect
+    reference_image = render_frame(dancer, 0)[0]  # (192, 128, 3)
+    reference_keypoints = {
+        "body": reference_track["body"][0],
+        "body_scores": reference_track["body_scores"][0],
+    }
+    aligned = align_track(driving, reference_keypoints, (160, 192), (192, 128))
+    before = torso_gap(driving["body"][0], reference_keypoints["body"], (192, 128))
+    after = torso_gap(aligned["body"][0], reference_keypoints["body"], (192, 128))
+    assert after < 0.25 * before, (before, after)
+    assert np.array_equal(aligned["body_scores"], driving["body_scores"]) and aligned["hands"].shape == (
+        6,
+        2,
+        21,
+        2,
+    )
+
+    # The pipeline draws the aligned track and feeds it to ControlNeXt; a detector may find the keypoints.
+    seen = []
+    forward = ControlNeXt.forward
+    monkeypatch.setattr(
+        ControlNeXt, "forward", lambda m, pose, t: seen.append(pose[-1]) or forward(m, pose, t)
+    )
+    kwargs = {
+        "height": 48,
+        "width": 32,
+        "num_inference_steps": 1,
+        "output_type": "latent",
+        "align_poses": True,
+    }
+    pipe(reference_image, driving, reference_keypoints=reference_keypoints, **kwargs)
+    given = seen[-1]
+
+    def detector(image):  # a stand-in PoseDetector that finds the reference's keypoints
+        return reference_keypoints["body"], reference_keypoints["body_scores"], None, None, None
+
+    pipe(reference_image, driving, pose_detector=detector, **kwargs)
+    torch.testing.assert_close(seen[-1], given)
+    expected = fit_frames(render_pose_track(aligned, 192, 128), 48, 32).float() / 255
+    torch.testing.assert_close(given, expected)
+    with pytest.raises(ValueError, match="reference_keypoints or pose_detector"):
+        pipe(reference_image, driving, **kwargs)
+    with pytest.raises(ValueError, match="driving keypoints"):
+        pipe(reference_image, render_pose_track(driving, 160, 192), **kwargs)
