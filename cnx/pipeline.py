@@ -29,6 +29,7 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
     StableVideoDiffusionPipelineOutput,
 )
 
+from cnx.checks import MAX_ASPECT_GAP
 from cnx.conditioning import (
     DEFAULT_CONTROL_SCALE,
     DEFAULT_FPS,
@@ -207,6 +208,16 @@ def pose_track_frames(
     return render_pose_track(aligned, *reference_size)
 
 
+def crop_to_aspect(reference: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The (1, 3, H, W) reference centre-cropped to the output's aspect when they differ by more than 1%."""
+    source_aspect, aspect = reference.shape[3] / reference.shape[2], width / height
+    if abs(source_aspect / aspect - 1) <= MAX_ASPECT_GAP:
+        return reference
+    box = crop_window(reference.shape[3], reference.shape[2], width, height)
+    left, top, right, bottom = box.pixels(reference.shape[3], reference.shape[2])
+    return reference[:, :, top:bottom, left:right]
+
+
 def fit_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     """(F, H, W, 3) uint8 -> (F, 3, height, width) uint8: centre crop to the output's aspect, then resize.
 
@@ -297,7 +308,7 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         width = width or reference.shape[3]
         if height % 8 or width % 8:
             raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
-        reference = self._crop_to_aspect(reference, height, width)
+        reference = crop_to_aspect(reference, height, width)
         if isinstance(pose_frames, dict):
             pose_frames = pose_track_frames(
                 pose_frames, reference, align_poses, reference_keypoints, pose_detector
@@ -391,18 +402,6 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         return StableVideoDiffusionPipelineOutput(frames=frames)
 
     # Pieces of __call__ that follow diffusers' own handling (preprocessing, fp16 upcasting).
-
-    @staticmethod
-    def _crop_to_aspect(reference: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Centre-crop the (1, 3, H, W) reference to the output's aspect when it differs by more than 1%."""
-        from cnx.checks import MAX_ASPECT_GAP
-
-        source_aspect, aspect = reference.shape[3] / reference.shape[2], width / height
-        if abs(source_aspect / aspect - 1) <= MAX_ASPECT_GAP:
-            return reference
-        box = crop_window(reference.shape[3], reference.shape[2], width, height)
-        left, top, right, bottom = box.pixels(reference.shape[3], reference.shape[2])
-        return reference[:, :, top:bottom, left:right]
 
     def _vae_input(self, original, reference: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """(1, 3, H, W) in [-1, 1]: diffusers' preprocessing of the reference (a PIL image stays PIL)."""
