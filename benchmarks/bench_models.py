@@ -5,7 +5,8 @@
 Targets (issue figures): the stand-in folder under 20 MB and built in under 30 s;
 one UNet forward on 8 frames at 64x96 pixels well under a second. The baseline
 for ControlNeXt's cost is the plain UNet measured in the same run: the ratio says
-what the control adds to a forward and to a forward+backward step.
+what the control adds to a forward and to a forward+backward step. The first call of
+each is reported apart: it pays one-time setup and is often several times slower.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from cnx.controlnext import ControlNeXt, ControlNeXtSVD, controlnext_config_for,
 from cnx.tiny import folder_size, write_tiny_svd
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_seconds(fn, repeats: int) -> tuple[float, float]:
+    """(first call, median of `repeats` later calls): the first pays one-time setup (allocator, kernels)."""
+    first = timed(fn)
+    return first, statistics.median(timed(fn) for _ in range(repeats))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,14 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch threads: {args.threads}; latents (1, 8, 8, 12, 8) = 8 frames at 64x96 pixels")
     print(f"stand-in SVD folder: {size_mb:.1f} MB (target < 20), built in {build_s:.1f} s (target < 30)")
     print(f"parameters: UNet {count_parameters(unet):,}, ControlNeXt {count_parameters(controlnext):,}")
-    print(f"{'':<28}{'plain UNet':>12}{'+ ControlNeXt':>15}{'ratio':>8}")
-    for name, plain, control in (
+    print(f"median of {args.repeats} (first call in brackets)")
+    print(f"{'':<22}{'plain UNet':>22}{'+ ControlNeXt':>22}{'ratio':>8}")
+    for name, (first_plain, plain), (first_control, control) in (
         ("forward (no grad)", fwd_plain, fwd_control),
         ("forward + backward", step_plain, step_control),
     ):
-        print(f"{name:<28}{plain * 1e3:>10.1f}ms{control * 1e3:>13.1f}ms{control / plain:>7.2f}x")
-    verdict = "met" if fwd_plain < 1.0 else "NOT met"
-    print(f"UNet forward under 1 s: {verdict} ({fwd_plain * 1e3:.0f} ms)")
+        print(
+            f"{name:<22}{plain * 1e3:>10.1f}ms ({first_plain * 1e3:>6.0f}ms)"
+            f"{control * 1e3:>10.1f}ms ({first_control * 1e3:>6.0f}ms){control / plain:>7.2f}x"
+        )
+    verdict = "met" if fwd_plain[1] < 1.0 else "NOT met"
+    print(f"UNet forward under 1 s: {verdict} ({fwd_plain[1] * 1e3:.0f} ms)")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Run profiles: `tiny` (laptop CPU, bundled samples, stand-in SVD) and `full` (the seed's setting).
+"""Run profiles: `tiny` (laptop CPU, bundled samples, stand-in SVD) and `full` (the original setting).
 
 One variable switches a notebook between them: `CNX_PROFILE=full` in the
 environment, or `setup_notebook("full")`.
@@ -6,6 +6,7 @@ environment, or `setup_notebook("full")`.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass, replace
@@ -24,9 +25,9 @@ class Profile:
     validation_image_folder: str  # ground-truth frames 0.png..N.png
     validation_control_folder: str  # pose frames 0.png..N.png
     validation_image: str  # the reference image
-    width: int  # training width in pixels (the seed: 576)
-    height: int  # training height in pixels (the seed: 1024)
-    sample_n_frames: int  # frames per training clip (the seed: 21)
+    width: int  # training width in pixels (original README: 576)
+    height: int  # training height in pixels (original README: 1024)
+    sample_n_frames: int  # frames per training clip (original README: 21)
     interval_frame: int  # spacing between sampled frames; <= 0 draws one in [2, 7]
     mixed_precision: str  # "no" on CPU, "bf16" on GPUs
     unet_width: int  # first UNet block width: 320 for SVD, small for the stand-in
@@ -94,8 +95,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _DropMessages(logging.Filter):
+    """Drops the log records whose message contains one of `parts`; every other record passes."""
+
+    def __init__(self, *parts: str):
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(part in message for part in self.parts)
+
+
+# Two messages a learner cannot act on, each matched exactly on its own logger:
+# transformers says it swapped in its PIL image processor because torchvision is missing (cnx
+# never uses torchvision), and DeepSpeed, which accelerate imports, says it fell back to the CPU.
+_NO_TORCHVISION = _DropMessages("requires torchvision (not installed); falling back to `")
+_DEEPSPEED_ON_CPU = _DropMessages("Setting accelerator to CPU. If you have GPU or other accelerator")
+
+
+def quiet_known_warnings(cpu: bool = True) -> None:
+    """Silence those two messages (the DeepSpeed one only when `cpu`, where it is expected)."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_NO_TORCHVISION)
+    if cpu:
+        logging.getLogger("DeepSpeed").addFilter(_DEEPSPEED_ON_CPU)  # addFilter skips a repeat
+
+
 def setup_notebook(name: str | None = None, seed: int = 0) -> Profile:
     """First cell of every notebook: pick the profile, seed, make sure the model exists."""
-    profile = ensure_model(get_profile(name), seed=seed)
+    profile = get_profile(name)
+    quiet_known_warnings(cpu=profile.mixed_precision == "no")
+    profile = ensure_model(profile, seed=seed)
     seed_everything(seed)
     return profile

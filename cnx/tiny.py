@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cnx.latents import CLIP_MEAN, CLIP_SIZE, CLIP_STD
@@ -97,6 +99,27 @@ def build_tiny_components(seed: int = 0, unet_width: int = 32, vae_width: int = 
     return unet, vae, image_encoder, scheduler
 
 
+@contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """transformers' and diffusers' progress bars off inside the block, then back as they were.
+
+    The stand-in's files are written and read in a blink; in an executed notebook
+    their bars stay frozen at 0% ("Writing model shards", "Loading weights").
+    Log messages and warnings are untouched.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    enabled = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in enabled:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in enabled:
+            lib.enable_progress_bar()
+
+
 def write_tiny_svd(
     out_dir: str | Path, seed: int = 0, unet_width: int = 32, vae_width: int = 32, num_frames: int = 8
 ) -> Path:
@@ -119,7 +142,8 @@ def write_tiny_svd(
         feature_extractor=feature_extractor,
     )
     out_dir = Path(out_dir)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    with quiet_progress_bars():
+        pipe.save_pretrained(out_dir, safe_serialization=True)
     # Without torchvision transformers substitutes its PIL-backed processor class; name the
     # class SVD-xt's own model_index.json names, so loading follows the same path.
     index_path = out_dir / "model_index.json"
