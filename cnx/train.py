@@ -133,17 +133,15 @@ def select_trainable(model, trainable: str, rank: int = 128) -> list[torch.nn.Pa
             if any(f".{part}." in name for part in TRAINABLE_ATTENTION):
                 parameter.requires_grad_(True)
     elif trainable == "lora":
-        try:
-            from peft import LoraConfig
-        except ImportError:
-            raise SystemExit("cnx train: --trainable lora needs peft (pip install peft)") from None
+        from peft import LoraConfig, inject_adapter_in_model
+
         config = LoraConfig(
             r=rank,
             lora_alpha=rank,
             init_lora_weights="gaussian",
             target_modules=["to_k", "to_q", "to_v", "to_out.0"],
         )
-        model.unet.add_adapter(config)
+        inject_adapter_in_model(config, model.unet)
     elif trainable not in ("full", "controlnext"):
         raise ValueError(f"unknown --trainable {trainable!r}")
     return [p for p in model.parameters() if p.requires_grad]
@@ -437,6 +435,41 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, record: dict, opti
     return final
 
 
+def optimizer_step(accelerator, models, data, options, optimizer, trainable, step: int):
+    """One optimizer step over `gradient_accumulation_steps` micro-batches.
+
+    Returns (epoch, data position, loss averaged over micro-batches and ranks, sigmas (B*A,),
+    gradient norm before clipping). DeepSpeed accumulates and steps inside its engine;
+    otherwise accelerate's optimizer steps only at the accumulation boundary.
+    """
+    rank = accelerator.process_index
+    losses, sigmas, grad_norm = [], [], None
+    for micro in range(options.gradient_accumulation_steps):
+        epoch, position, batch = next(data)
+        with accelerator.accumulate(models.model):
+            out = training_step(models, batch, options, step_generator(options.seed, rank, step, micro))
+            finite_or_stop(out.per_sample, "loss", step + 1, out.sigma, batch)
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients:  # clipped in every mode (pitfall 8)
+                norm = accelerator.clip_grad_norm_(trainable, options.max_grad_norm)
+                if norm is not None:
+                    finite_or_stop(torch.as_tensor(norm), "gradient norm", step + 1, out.sigma, batch)
+                    grad_norm = float(norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(out.loss.detach())
+        sigmas.append(out.sigma.detach())
+    loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+    return epoch, position, loss, torch.cat(sigmas), grad_norm
+
+
+def log_to_tensorboard(accelerator, record: dict, sigma: torch.Tensor) -> None:
+    """The step's scalars and a histogram of its sigmas."""
+    accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=record["step"])
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+    tracker.add_histogram("sigma", sigma.float().cpu(), record["step"])
+
+
 def train(options) -> Path:
     """Train as `options` say; return the output folder. Each phase below is one comment."""
     from tqdm.auto import tqdm
@@ -519,69 +552,53 @@ def train(options) -> Path:
     )
     start, samples_seen = time.perf_counter(), 0
 
-    while step < total_steps:
-        step_start = time.perf_counter()
-        # Accumulate gradients over micro-batches (DeepSpeed accumulates inside its engine).
-        losses, sigmas = [], []
-        for micro in range(options.gradient_accumulation_steps):
-            epoch, position, batch = next(data)
-            with accelerator.accumulate(model):
-                out = training_step(models, batch, options, step_generator(options.seed, rank, step, micro))
-                finite_or_stop(out.per_sample, "loss", step + 1, out.sigma, batch)
-                accelerator.backward(out.loss)
-                grad_norm = None
-                if accelerator.sync_gradients:  # clipped in every mode (pitfall 8)
-                    grad_norm = accelerator.clip_grad_norm_(trainable, options.max_grad_norm)
-                    if grad_norm is not None:
-                        finite_or_stop(
-                            torch.as_tensor(grad_norm), "gradient norm", step + 1, out.sigma, batch
-                        )
-                # Update weights (the accelerate optimizer steps only at the accumulation boundary).
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(out.loss.detach())
-            sigmas.append(out.sigma.detach())
-        lr_scheduler.step()
-        step += 1
-        # Update EMA.
-        if ema is not None:
-            ema.step(trainable)
-        # Log.
-        loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-        sigma = torch.cat(sigmas)
-        samples = options.per_gpu_batch_size * options.gradient_accumulation_steps * world
-        samples_seen += samples
-        seconds = time.perf_counter() - step_start
-        record = {
-            "step": step,
-            "loss": loss,
-            "lr": lr_scheduler.get_last_lr()[0],
-            "grad_norm": None if grad_norm is None else float(grad_norm),
-            "sigma_mean": float(sigma.mean()),
-            "samples_per_s": samples / seconds,
-            "seconds": seconds,
-            "epoch": epoch,
-        }
-        log.write(record)
-        if main and options.report_to != "none":
-            accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
-            tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-            tracker.add_histogram("sigma", sigma.float().cpu(), step)
-        bar.set_postfix(
-            loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{record['samples_per_s']:.2f}"
-        )
-        bar.update()
-        # Validate.
-        if options.validation_image_folder and (step % options.validation_steps == 0 or step == total_steps):
-            validate_during_training(accelerator, models, scheduler, ema, trainable, options, step)
-        # Save a checkpoint.
-        if step % options.checkpointing_steps == 0 or step == total_steps:
-            state = {"step": step, "batches": position, "epoch": epoch}
-            save_checkpoint(accelerator, output_dir, step, state, options)
-            if main:
-                rotate(output_dir, options.checkpoints_total_limit, keep=resumed)
-    bar.close()
-    log.close()
+    try:
+        while step < total_steps:
+            step_start = time.perf_counter()
+            # Accumulate gradients over micro-batches, then update weights.
+            epoch, position, loss, sigma, grad_norm = optimizer_step(
+                accelerator, models, data, options, optimizer, trainable, step
+            )
+            lr_scheduler.step()
+            step += 1
+            # Update EMA.
+            if ema is not None:
+                ema.step(trainable)
+            # Log.
+            seconds = time.perf_counter() - step_start
+            samples = options.per_gpu_batch_size * options.gradient_accumulation_steps * world
+            samples_seen += samples
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "sigma_mean": float(sigma.mean()),
+                "samples_per_s": samples / seconds,
+                "seconds": seconds,
+                "epoch": epoch,
+            }
+            log.write(record)
+            if main and options.report_to != "none":
+                log_to_tensorboard(accelerator, record, sigma)
+            bar.set_postfix(
+                loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{samples / seconds:.2f}"
+            )
+            bar.update()
+            # Validate.
+            if options.validation_image_folder and (
+                step % options.validation_steps == 0 or step == total_steps
+            ):
+                validate_during_training(accelerator, models, scheduler, ema, trainable, options, step)
+            # Save a checkpoint.
+            if step % options.checkpointing_steps == 0 or step == total_steps:
+                state = {"step": step, "batches": position, "epoch": epoch}
+                save_checkpoint(accelerator, output_dir, step, state, options)
+                if main:
+                    rotate(output_dir, options.checkpoints_total_limit, keep=resumed)
+    finally:  # the bar and the log close before any error is printed
+        bar.close()
+        log.close()
 
     # Export the final weights (and their EMA) as diffusers folders.
     if main:
@@ -683,6 +700,7 @@ def export(model, out_dir: Path, trainable: str, ema=None, parameters=None) -> P
             adapter = {k: v.contiguous() for k, v in get_peft_model_state_dict(model.unet).items()}
             (out_dir / f"unet_lora{suffix}").mkdir(exist_ok=True)
             save_file(adapter, out_dir / f"unet_lora{suffix}" / "adapter_model.safetensors")
+            merged_unet(model.unet).save_pretrained(out_dir / f"unet{suffix}", safe_serialization=True)
         elif trainable != "controlnext":
             model.unet.save_pretrained(out_dir / f"unet{suffix}", safe_serialization=True)
 
@@ -695,6 +713,26 @@ def export(model, out_dir: Path, trainable: str, ema=None, parameters=None) -> P
         finally:
             ema.restore(parameters)
     return out_dir
+
+
+def merged_unet(unet):
+    """A plain diffusers UNet whose weights are `unet`'s with its LoRA adapters merged in."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = copy.deepcopy(unet)
+    for module in merged.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    state = {
+        key.replace(".base_layer.", "."): value
+        for key, value in merged.state_dict().items()
+        if "lora_" not in key
+    }
+    plain = type(unet).from_config(unet.config)
+    plain.load_state_dict(state, strict=True)
+    return plain
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -482,7 +482,7 @@ def test_pitfall_18_crop_agrees_when_pose_resolution_differs(tmp_path):
     assert len(offsets) > 2  # the check ran at several crop positions
 
 
-def test_hands_mask_in_a_sample_has_ones_on_frame_0(tmp_path):
+def test_hand_weights_in_a_sample_are_ones_on_frame_0(tmp_path):
     entry = write_entry(
         tmp_path, "h", num_frames=12, detections=detections_json(12, [([[0.1, 0.1], [0.5, 0.5]], 0.8)])
     )

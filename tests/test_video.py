@@ -38,3 +38,13 @@ def test_sizes_decord_or_yuv420p_cannot_take_are_refused(tmp_path, height, width
 def test_no_frames_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no frames"):
         write_video(tmp_path / "empty.mp4", [])
+
+
+def test_only_cnx_video_loads_the_decoders():
+    """Importing the dataset and its checks loads neither decord nor PyAV: cnx.video imports them on use."""
+    import subprocess
+    import sys
+
+    code = "import sys, cnx.data, cnx.checks; print(sorted({'decord', 'av'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

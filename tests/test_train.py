@@ -1,0 +1,186 @@
+"""cnx.train: the step, what trains, data order, checkpoints; real runs (resume, crash, explosion)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cnx import train
+from cnx.data import ClipDataset
+from cnx.options import parse_options
+from cnx.profiles import DATA_SAMPLES
+
+META = DATA_SAMPLES / "meta_info.json"
+SMALL = ["--width=64", "--height=96", "--sample_n_frames=4", "--interval_frame=3", "--num_workers=0"]
+
+
+def options_for(tiny_svd_dir, output_dir, *extra):
+    base = [
+        f"--pretrained_model_name_or_path={tiny_svd_dir}",
+        f"--output_dir={output_dir}",
+        f"--meta_info_path={META}",
+    ]
+    return [*base, *SMALL, *extra]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_svd_dir, tmp_path_factory):
+    options = parse_options(options_for(tiny_svd_dir, tmp_path_factory.mktemp("run")))
+    models, _ = train.build_models(options, torch.device("cpu"), torch.float32)
+    dataset = ClipDataset(META, 64, 96, 4, 3)
+    batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
+    return options, models, batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The step and what trains
+
+
+def test_training_step_is_a_function_of_its_generator_and_reaches_every_trainable_weight(setup):
+    options, models, batch = setup
+    trainable = train.select_trainable(models.model, "full")
+    first = train.training_step(models, batch, options, train.step_generator(0, 0, 5, 0))
+    again = train.training_step(models, batch, options, train.step_generator(0, 0, 5, 0))
+    other_rank = train.training_step(models, batch, options, train.step_generator(0, 1, 5, 0))
+    assert first.loss.dtype == torch.float32 and first.per_sample.shape == (2,) and first.sigma.shape == (2,)
+    assert torch.equal(first.loss, again.loss) and torch.equal(first.sigma, again.sigma)
+    assert not torch.equal(first.sigma, other_rank.sigma)  # pitfall 10: ranks draw their own streams
+    models.model.zero_grad(set_to_none=True)
+    first.loss.backward()
+    assert all(p.grad is not None for p in trainable)
+    assert not any(p.requires_grad for m in (models.vae, models.image_encoder) for p in m.parameters())
+
+
+@pytest.mark.parametrize("mode", ["full", "selective", "controlnext", "lora"])
+def test_trainable_sets(setup, mode):
+    import copy
+
+    model = copy.deepcopy(setup[1].model)
+    trainable = {id(p) for p in train.select_trainable(model, mode, rank=4)}
+    unet = {name: p for name, p in model.unet.named_parameters()}
+    assert all(id(p) in trainable for p in model.controlnext.parameters())
+    trained_unet = {name for name, p in unet.items() if id(p) in trainable}
+    if mode == "full":
+        assert trained_unet == set(unet)
+    elif mode == "controlnext":
+        assert not trained_unet
+    elif mode == "selective":
+        assert trained_unet and all(".to_out." in n or ".to_v." in n for n in trained_unet)
+    else:
+        assert trained_unet and all("lora_" in n for n in trained_unet)
+
+
+def test_pitfall_9_two_parameter_groups_without_decay_on_norms_and_biases(setup):
+    model = setup[1].model
+    train.select_trainable(model, "full")
+    decay, no_decay = train.parameter_groups(model, 0.01)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    biases = {id(p) for n, p in model.named_parameters() if n.endswith("bias") or ".norm" in n}
+    assert biases <= {id(p) for p in no_decay["params"]}
+
+
+def test_pitfall_7_warm_up_works_with_the_constant_schedule(setup):
+    options = parse_options(options_for("x", "y", "--lr_warmup_steps=4", "--learning_rate=1e-3"))
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = train.build_lr_scheduler(optimizer, options, total_steps=10)
+    rates = []
+    for _ in range(6):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
+def test_epoch_order_is_seeded_sharded_and_new_each_epoch():
+    ranks = [train.epoch_indices(10, seed=0, epoch=0, world=2, rank=r, batch_size=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 4 and not set(ranks[0]) & set(ranks[1])
+    assert ranks[0] == train.epoch_indices(10, 0, 0, 2, 0, 2)  # the same on every call
+    assert ranks[0] != train.epoch_indices(10, 0, 1, 2, 0, 2)  # a new order each epoch
+    assert ranks[0] != train.epoch_indices(10, 1, 0, 2, 0, 2)  # and for another --seed
+
+
+def test_pitfall_3_checkpoint_lookup_ignores_other_names_and_takes_any_path(tmp_path):
+    for name in (
+        "checkpoint-2",
+        "checkpoint-10",
+        "checkpoint-last",
+        ".partial-checkpoint-12",
+        "checkpoint-11",
+    ):
+        (tmp_path / name).mkdir()
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-last"):
+        (tmp_path / name / "trainer_state.json").write_text("{}")
+    # checkpoint-11 has no trainer_state.json: a save that did not finish.
+    assert [p.name for p in train.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    assert train.resolve_resume("latest", tmp_path).name == "checkpoint-10"
+    assert train.resolve_resume("latest", tmp_path / "empty") is None  # nothing yet: a fresh start
+    elsewhere = tmp_path / "elsewhere" / "any-name"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "trainer_state.json").write_text("{}")
+    assert train.resolve_resume(str(elsewhere), tmp_path) == elsewhere
+    with pytest.raises(SystemExit, match="not a complete cnx checkpoint"):
+        train.resolve_resume(str(tmp_path / "checkpoint-11"), tmp_path)
+    train.rotate(tmp_path, limit=1, keep=tmp_path / "checkpoint-2")  # never the checkpoint resumed from
+    assert [p.name for p in train.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    train.rotate(tmp_path, limit=1, keep=None)
+    assert [p.name for p in train.complete_checkpoints(tmp_path)] == ["checkpoint-10"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real runs: `python -m cnx.train` in a subprocess
+
+
+def run(tiny_svd_dir, output_dir, *extra, wait=True):
+    argv = [sys.executable, "-m", "cnx.train", *options_for(tiny_svd_dir, output_dir, *extra)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+
+
+def losses(output_dir):
+    lines = (output_dir / "logs" / "steps.jsonl").read_text().splitlines()
+    return {record["step"]: record["loss"] for record in map(json.loads, lines)}
+
+
+def test_a_run_killed_at_any_moment_resumes_with_the_losses_of_an_uninterrupted_run(tiny_svd_dir, tmp_path):
+    """SIGKILL after the step-2 checkpoint; `--resume_from_checkpoint latest` redoes steps 3-4 exactly."""
+    common = ["--max_train_steps=4", "--checkpointing_steps=2", "--lr_warmup_steps=2", "--use_ema"]
+    straight = tmp_path / "straight"
+    result = run(tiny_svd_dir, straight, *common)
+    assert result.returncode == 0, result.stderr[-2000:]
+    crashed = tmp_path / "crashed"
+    process = run(tiny_svd_dir, crashed, *common, "--checkpointing_steps=1", wait=False)
+    deadline = time.time() + 300
+    while not (crashed / "checkpoint-2" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its step-2 checkpoint"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = run(tiny_svd_dir, crashed, *common, "--resume_from_checkpoint=latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert losses(crashed) == losses(straight) and sorted(losses(straight)) == [1, 2, 3, 4]
+    for name in ("controlnext", "unet", "controlnext_ema", "unet_ema"):
+        assert (straight / "final" / name / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_an_exploding_run_stops_with_a_clear_message_and_its_checkpoints_intact(tiny_svd_dir, tmp_path):
+    result = run(
+        tiny_svd_dir, tmp_path, "--max_train_steps=8", "--checkpointing_steps=1", "--learning_rate=1e8"
+    )
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("cnx train: non-finite") and "sigma" in message and "dancer_" in message
+    saved = train.complete_checkpoints(tmp_path)
+    assert saved, "the steps before the explosion were checkpointed"
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(saved[0] / "model.safetensors").values())
+    assert not list(tmp_path.glob(".partial-*"))
