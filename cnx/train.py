@@ -659,15 +659,16 @@ def validate_during_training(accelerator, models, scheduler, ema, trainable, opt
             for i in range(options.num_validation_images):
                 out_dir = Path(options.output_dir) / "validation" / f"step-{step:06d}" / f"video-{i}"
                 generator = stream_generator("validation", options.seed, i, device="cpu")
-                result = run_validation(
-                    pipe,
-                    validation,
-                    out_dir,
-                    options.height,
-                    options.width,
-                    control_scale=options.control_scale,
-                    generator=generator,
-                )
+                with accelerator.autocast():  # frozen models in the weight dtype, trained ones in fp32
+                    result = run_validation(
+                        pipe,
+                        validation,
+                        out_dir,
+                        options.height,
+                        options.width,
+                        control_scale=options.control_scale,
+                        generator=generator,
+                    )
                 with log_path.open("a") as file:
                     file.write(json.dumps({"step": step, "video": i, **result}) + "\n")
                 if options.report_to != "none":

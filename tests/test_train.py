@@ -184,3 +184,39 @@ def test_an_exploding_run_stops_with_a_clear_message_and_its_checkpoints_intact(
 
     assert all(torch.isfinite(t).all() for t in load_file(saved[0] / "model.safetensors").values())
     assert not list(tmp_path.glob(".partial-*"))
+
+
+def test_the_original_readme_command_trains_validates_checkpoints_and_exports(tiny_svd_dir, tmp_path):
+    """The original README's flags as written (paths filled in; only sizes and length scaled down for CI)."""
+    validation = DATA_SAMPLES / "validation"
+    readme = [
+        f"--validation_image_folder={validation / 'ground_truth'}",
+        f"--validation_control_folder={validation / 'pose'}",
+        f"--validation_image={validation / 'reference_image.png'}",
+        "--dataset_type=ubc",
+        "--lr_warmup_steps",
+        "500",
+        "--learning_rate=1e-5",
+        "--per_gpu_batch_size=1",
+        "--num_train_epochs=6000",
+        "--mixed_precision=bf16",
+        "--gradient_accumulation_steps=1",
+        "--checkpointing_steps=2000",
+        "--validation_steps=500",
+        "--gradient_checkpointing",
+        "--checkpoints_total_limit",
+        "4",
+        "--max_train_steps=2",  # the README trains "until you stop it"; CI stops after 2 steps
+    ]
+    result = run(tiny_svd_dir, tmp_path, *readme)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in train.complete_checkpoints(tmp_path)] == [
+        "checkpoint-2"
+    ]  # the last step is saved
+    record = json.loads((tmp_path / "logs" / "validation.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 2 and {"psnr", "ssim", "temporal_error"} <= set(record)
+    assert (tmp_path / "validation" / "step-000002" / "video-0" / "grid.png").is_file()
+    assert list((tmp_path / "logs" / "cnx").glob("events.out.tfevents.*"))  # TensorBoard
+    options = json.loads((tmp_path / "checkpoint-2" / "training_options.json").read_text())
+    assert options["mixed_precision"] == "bf16" and options["num_train_epochs"] == 6000
+    assert (tmp_path / "final" / "controlnext" / "config.json").is_file()
