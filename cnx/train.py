@@ -199,6 +199,17 @@ def epoch_indices(
     return order[rank::world][:per_rank]
 
 
+def batches_per_epoch(num_samples: int, world: int, batch_size: int) -> int:
+    """Whole batches each rank reads per epoch: counted after sharding across `world` ranks (pitfall 7)."""
+    per_epoch = num_samples // (world * batch_size)
+    if per_epoch == 0:
+        raise SystemExit(
+            f"cnx train: {num_samples} samples are fewer than one batch of {batch_size} "
+            f"on each of {world} processes"
+        )
+    return per_epoch
+
+
 def batches(dataset, indices: list[int], batch_size: int, num_workers: int, epoch: int, skip: int):
     """A DataLoader over `indices` from batch `skip` on (a resumed run skips without decoding)."""
     dataset.set_epoch(epoch)
@@ -308,15 +319,7 @@ def loop_batches(
     """
     from cnx.data import iterate_with_budget
 
-    per_epoch = (
-        len(epoch_indices(len(dataset), 0, 0, world, rank, options.per_gpu_batch_size))
-        // options.per_gpu_batch_size
-    )
-    if per_epoch == 0:
-        raise SystemExit(
-            f"cnx train: {len(dataset)} samples are fewer than one batch of {options.per_gpu_batch_size} "
-            f"on each of {world} processes"
-        )
+    per_epoch = batches_per_epoch(len(dataset), world, options.per_gpu_batch_size)
     budget = dataset.failure_budget()
     epoch, skip = divmod(start_batch, per_epoch)
     while True:
@@ -477,7 +480,7 @@ def train(options) -> Path:
     from cnx.data import ClipDataset
 
     accelerator = make_accelerator(options)
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    world, main = accelerator.num_processes, accelerator.is_main_process
     output_dir = Path(options.output_dir)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
@@ -487,6 +490,12 @@ def train(options) -> Path:
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         options.to_json(output_dir / "training_options.json")
+        if accelerator.state.deepspeed_plugin is not None:  # the configuration DeepSpeed really ran with
+            config = accelerator.state.deepspeed_plugin.deepspeed_config
+            (output_dir / "logs").mkdir(exist_ok=True)
+            (output_dir / "logs" / "deepspeed.json").write_text(
+                json.dumps(config, indent=2, default=str) + "\n"
+            )
 
     # Data: checked up front (cnx check-data's cheap checks), never shuffled by the dataset itself.
     dataset = ClipDataset(
@@ -499,11 +508,8 @@ def train(options) -> Path:
         ref_augment=options.ref_augment,
         max_failure_fraction=options.max_bad_sample_fraction,
     )
-    batches_per_epoch = len(epoch_indices(len(dataset), 0, 0, world, rank, options.per_gpu_batch_size))
-    batches_per_epoch //= options.per_gpu_batch_size
-    steps_per_epoch = max(
-        1, batches_per_epoch // options.gradient_accumulation_steps
-    )  # after sharding (pitfall 7)
+    per_epoch = batches_per_epoch(len(dataset), world, options.per_gpu_batch_size)
+    steps_per_epoch = max(1, per_epoch // options.gradient_accumulation_steps)
     total_steps = options.max_train_steps or options.num_train_epochs * steps_per_epoch
 
     # Models, what trains, optimizer and schedule.
@@ -546,7 +552,7 @@ def train(options) -> Path:
             "cnx", config={k: v for k, v in vars(options).items() if isinstance(v, (int, float, str, bool))}
         )
     log = StepLog(output_dir / "logs" / "steps.jsonl", main, step)
-    data = loop_batches(dataset, options, world, rank, position)
+    data = loop_batches(dataset, options, world, accelerator.process_index, position)
     bar = tqdm(
         total=total_steps, initial=step, desc="train", unit="step", disable=not main, dynamic_ncols=True
     )

@@ -58,8 +58,10 @@ def test_two_processes_train_checkpoint_and_resume_exactly(kind, tiny_svd_dir, t
         "random_states_0.pkl",
         "random_states_1.pkl",
     }
-    if kind == "deepspeed":  # ZeRO-2 shards the optimizer state across the two ranks
+    if kind == "deepspeed":  # ZeRO-2 shards the optimizer state across the two ranks; it clips (pitfall 8)
         assert len(list((checkpoint / "pytorch_model").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+        config = json.loads((straight / "logs" / "deepspeed.json").read_text())
+        assert config["zero_optimization"]["stage"] == 2 and config["gradient_clipping"] == 1.0
     assert all(r["samples_per_s"] > 0 and r["grad_norm"] is not None for r in steps.values())
     # Both backends compute the same steps: DeepSpeed matches DDP to float precision.
     assert [steps[s]["loss"] for s in (1, 2, 3, 4)] == pytest.approx(

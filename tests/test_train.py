@@ -41,7 +41,7 @@ def setup(tiny_svd_dir, tmp_path_factory):
 # The step and what trains
 
 
-def test_training_step_is_a_function_of_its_generator_and_reaches_every_trainable_weight(setup):
+def test_pitfall_10_training_step_is_a_function_of_its_generator_and_reaches_every_trainable_weight(setup):
     options, models, batch = setup
     trainable = train.select_trainable(models.model, "full")
     first = train.training_step(models, batch, options, train.step_generator(0, 0, 5, 0))
@@ -95,6 +95,34 @@ def test_pitfall_7_warm_up_works_with_the_constant_schedule(setup):
         optimizer.step()
         scheduler.step()
     assert rates == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
+def test_pitfall_7_steps_per_epoch_are_counted_after_sharding():
+    assert train.batches_per_epoch(8, world=1, batch_size=1) == 8
+    assert train.batches_per_epoch(8, world=2, batch_size=1) == 4  # each rank reads half
+    assert train.batches_per_epoch(9, world=2, batch_size=2) == 2
+    with pytest.raises(SystemExit, match="fewer than one batch"):
+        train.batches_per_epoch(3, world=2, batch_size=2)
+
+
+def test_pitfall_8_gradients_are_clipped_at_max_grad_norm_once_per_optimizer_step(setup, monkeypatch):
+    from accelerate import Accelerator
+
+    options, models, batch = setup
+    options = parse_options(options_for("x", "y", "--max_grad_norm=0.5", "--gradient_accumulation_steps=2"))
+    trainable = train.select_trainable(models.model, "controlnext")
+    accelerator = Accelerator(gradient_accumulation_steps=2)
+    optimizer = accelerator.prepare(torch.optim.AdamW(trainable, lr=1e-5))
+    calls = []
+    clip = accelerator.clip_grad_norm_
+    monkeypatch.setattr(
+        accelerator, "clip_grad_norm_", lambda params, norm: calls.append(norm) or clip(params, norm)
+    )
+    data = iter([(0, 1, batch), (0, 2, batch)])
+    epoch, position, loss, sigma, grad_norm = train.optimizer_step(
+        accelerator, models, data, options, optimizer, trainable, step=0
+    )
+    assert calls == [0.5] and grad_norm is not None and position == 2 and sigma.shape == (4,)
 
 
 def test_epoch_order_is_seeded_sharded_and_new_each_epoch():
@@ -167,8 +195,16 @@ def test_a_run_killed_at_any_moment_resumes_with_the_losses_of_an_uninterrupted_
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
     assert losses(crashed) == losses(straight) and sorted(losses(straight)) == [1, 2, 3, 4]
-    for name in ("controlnext", "unet", "controlnext_ema", "unet_ema"):
-        assert (straight / "final" / name / "diffusion_pytorch_model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    def final(run, name):
+        return load_file(run / "final" / name / "diffusion_pytorch_model.safetensors")
+
+    for name in ("controlnext", "unet", "controlnext_ema", "unet_ema"):  # pitfall 6: EMA saved and restored
+        a, b = final(straight, name), final(crashed, name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ema, plain = final(straight, "controlnext_ema"), final(straight, "controlnext")
+    assert any(not torch.equal(ema[k], plain[k]) for k in ema)
 
 
 def test_an_exploding_run_stops_with_a_clear_message_and_its_checkpoints_intact(tiny_svd_dir, tmp_path):
@@ -217,6 +253,12 @@ def test_the_original_readme_command_trains_validates_checkpoints_and_exports(ti
     assert record["step"] == 2 and {"psnr", "ssim", "temporal_error"} <= set(record)
     assert (tmp_path / "validation" / "step-000002" / "video-0" / "grid.png").is_file()
     assert list((tmp_path / "logs" / "cnx").glob("events.out.tfevents.*"))  # TensorBoard
+    from safetensors.torch import load_file
+
+    weights = load_file(
+        tmp_path / "checkpoint-2" / "model.safetensors"
+    )  # pitfall 11: trained weights stay fp32
+    assert {t.dtype for t in weights.values()} == {torch.float32}
     options = json.loads((tmp_path / "checkpoint-2" / "training_options.json").read_text())
     assert options["mixed_precision"] == "bf16" and options["num_train_epochs"] == 6000
     assert (tmp_path / "final" / "controlnext" / "config.json").is_file()

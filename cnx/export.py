@@ -1,0 +1,318 @@
+"""`cnx export CHECKPOINT OUT`: a training checkpoint as the diffusers folders a finished run writes.
+
+A `checkpoint-<step>/` folder holds accelerate's `save_state` output (the
+weights, the optimizer, the RNG states, the EMA) plus `training_options.json`
+and `trainer_state.json`. This command writes from it exactly what the end of
+training writes into `output_dir/final` (`cnx.train.export`): `controlnext/`,
+`unet/` when the UNet trained (for lora also `unet_lora/adapter_model.safetensors`,
+`unet/` being the merged UNet), and with `--use_ema` the same again as `*_ema`.
+
+The model is rebuilt from the run's own options on the meta device (shapes
+only: no pretrained weights are read, only the UNet's config.json), the same
+`select_trainable` is applied, and the checkpoint's weights are loaded strictly:
+- plain / DDP runs: `model.safetensors`, the state dict of ControlNeXtSVD;
+- DeepSpeed runs: the fp32 master weights rebuilt from the ZeRO shards in
+  `pytorch_model/` by DeepSpeed's own `zero_to_fp32`, its pickles read with
+  `weights_only=True` (four DeepSpeed record classes allowed, nothing else).
+Input is checked before any model is built; each problem is one line,
+`cnx export: <problem>`, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+OPTIONS_FILE = "training_options.json"
+STATE_FILE = "trainer_state.json"
+PLAIN_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # accelerate's save_state, safe first
+DEEPSPEED_TAG = "pytorch_model"  # the folder accelerate's save_state gives DeepSpeed's checkpoint
+# cnx.train registers the EMA for checkpointing before the LR scheduler: it is custom object 0.
+EMA_FILE = "custom_checkpoint_0.pkl"
+EXPORT_FOLDERS = ("controlnext", "unet", "unet_lora")  # what cnx.train.export writes, each also `_ema`
+
+
+class ExportInputError(ValueError):
+    """A checkpoint or output folder that cannot be exported, found before any model is built."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checked checkpoint folder: where its weights are and what the run trained."""
+
+    path: Path
+    options: object  # cnx.options.TrainingOptions
+    step: int | None
+    weights: Path  # model.safetensors (or .bin), or the DeepSpeed `pytorch_model/` folder
+    deepspeed: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking the input
+
+
+def inspect_checkpoint(path: str | Path) -> Checkpoint:
+    """The checkpoint at `path`, or an ExportInputError naming what is wrong (nothing heavy is loaded)."""
+    from cnx.options import TrainingOptions
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ExportInputError(f"{path}: no such checkpoint folder")
+    missing = [name for name in (STATE_FILE, OPTIONS_FILE) if not (path / name).is_file()]
+    if missing:
+        runs = sorted(
+            (p for p in path.glob("checkpoint-*") if (p / STATE_FILE).is_file()),
+            key=lambda p: int(p.name.removeprefix("checkpoint-")) if p.name[11:].isdigit() else -1,
+        )
+        hint = f"; a run folder? its latest checkpoint is {runs[-1]}" if runs else ""
+        raise ExportInputError(f"{path}: not a cnx checkpoint (no {' or '.join(missing)}){hint}")
+    try:
+        options = TrainingOptions.from_json(path / OPTIONS_FILE)
+        step = json.loads((path / STATE_FILE).read_text()).get("step")
+    except (ValueError, AttributeError) as err:  # bad json, unknown options, not an object
+        raise ExportInputError(str(err).splitlines()[0]) from None
+    plain = [path / name for name in PLAIN_WEIGHTS if (path / name).is_file()]
+    shards = path / DEEPSPEED_TAG
+    if plain:
+        weights, deepspeed = plain[0], False
+    elif list(shards.glob("*model_states.pt")):
+        weights, deepspeed = shards, True
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ExportInputError(f"{path}: a DeepSpeed checkpoint; reading it needs deepspeed installed")
+    else:
+        found = sorted(p.name for p in path.iterdir())
+        raise ExportInputError(
+            f"{path}: no weights inside (expected {' or '.join(PLAIN_WEIGHTS)}, or DeepSpeed's "
+            f"{DEEPSPEED_TAG}/*model_states.pt); found {found}"
+        )
+    if options.use_ema and not (path / EMA_FILE).is_file():
+        raise ExportInputError(f"{path}: the run used --use_ema but its EMA state {EMA_FILE} is missing")
+    return Checkpoint(path, options, step, weights, deepspeed)
+
+
+def check_output(out_dir: str | Path, overwrite: bool) -> Path:
+    """OUT must be new or empty; with `overwrite` a non-empty folder is written into."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportInputError(f"{out_dir}: exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportInputError(f"{out_dir}: exists and is not empty (pass --overwrite to write into it)")
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the weights
+
+
+def read_model_state(checkpoint: Checkpoint) -> dict:
+    """The ControlNeXtSVD state dict (`unet.*`, `controlnext.*`) of a checkpoint, on the CPU."""
+    from cnx.weights import read_state_dict, unwrap_state_dict
+
+    if checkpoint.deepspeed:
+        state = read_deepspeed_state(checkpoint.path)
+    else:
+        state = read_state_dict(checkpoint.weights)  # by extension; .bin with weights_only=True
+    if state and all(key.startswith("module.") for key in state):  # a DDP / DeepSpeed wrapper's names
+        state = unwrap_state_dict(state, "module")
+    return state
+
+
+@contextlib.contextmanager
+def _weights_only_loads(allowed: list):
+    """Every torch.load inside reads with weights_only=True, `allowed` classes besides tensors.
+
+    DeepSpeed's zero_to_fp32 calls torch.load(weights_only=False); torch's
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides that, so its pickles cannot run code.
+    """
+    import torch
+
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def read_deepspeed_state(checkpoint_dir: str | Path) -> dict:
+    """Full fp32 weights of a DeepSpeed (ZeRO 0-3) checkpoint, from its optimizer's master copies.
+
+    DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint` merges the ranks'
+    shards (frozen weights and buffers come from the model states file). Its
+    progress lines go nowhere.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]  # records, no code
+    with _weights_only_loads(allowed), contextlib.redirect_stdout(io.StringIO()):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_TAG)
+    return {key: value.contiguous() for key, value in state.items()}
+
+
+def read_ema_state(path: str | Path, parameters: list) -> dict:
+    """diffusers' EMAModel state dict from the run's pickle, checked against `parameters`.
+
+    Read with weights_only=True (floats, ints, a bool and a list of tensors).
+    EMAModel.load_state_dict does not compare the shadow weights with the
+    parameters (copy_to would zip a short list silently), so this does.
+    """
+    import torch
+
+    from cnx.weights import WeightLoadError
+
+    path = Path(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    shadow = state.get("shadow_params") if isinstance(state, dict) else None
+    if not isinstance(shadow, list):
+        raise WeightLoadError(path, "not a diffusers EMAModel state (no shadow_params list)")
+    if len(shadow) != len(parameters):
+        raise WeightLoadError(
+            path, f"{len(shadow)} EMA weights for {len(parameters)} trainable parameters of this run"
+        )
+    mismatched = [
+        (f"shadow_params[{i}]", tuple(s.shape), tuple(p.shape))
+        for i, (s, p) in enumerate(zip(shadow, parameters, strict=True))
+        if s.shape != p.shape
+    ]
+    if mismatched:
+        raise WeightLoadError(path, "EMA weights do not fit the trainable parameters", mismatched=mismatched)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The model and the export
+
+
+def build_model(options, pretrained_model_name_or_path: str | None = None):
+    """(ControlNeXtSVD with uninitialised CPU weights, its trainable parameters) as `cnx.train` builds them.
+
+    Built on the meta device from the UNet's config alone, then given empty CPU
+    storage: every tensor is then set by the strict load (neither model has
+    buffers outside its state dict, which `load_checkpoint` checks).
+    """
+    import torch
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from cnx.controlnext import ControlNeXt, ControlNeXtSVD, controlnext_config_for
+    from cnx.train import select_trainable
+
+    source = options.pretrain_unet or pretrained_model_name_or_path or options.pretrained_model_name_or_path
+    subfolder = None if (Path(source) / "config.json").is_file() else "unet"
+    revision = options.non_ema_revision or options.revision
+    config = UNetSpatioTemporalConditionModel.load_config(source, subfolder=subfolder, revision=revision)
+    with torch.device("meta"):
+        unet = UNetSpatioTemporalConditionModel.from_config(config)
+        controlnext = ControlNeXt(**controlnext_config_for(unet.config.block_out_channels[0]))
+        model = ControlNeXtSVD(unet, controlnext)
+    trainable = select_trainable(model, options.trainable, options.rank)
+    model.to_empty(device="cpu")
+    trainable = [p for p in model.parameters() if p.requires_grad]  # to_empty made new parameters
+    return model, trainable
+
+
+def load_checkpoint(checkpoint: Checkpoint, pretrained_model_name_or_path: str | None = None):
+    """(model with the checkpoint's weights, trainable parameters, EMAModel or None), all strict."""
+    from cnx.weights import WeightLoadError, load_state_strict
+
+    model, trainable = build_model(checkpoint.options, pretrained_model_name_or_path)
+    state = read_model_state(checkpoint)
+    load_state_strict(model, state, checkpoint.weights)
+    del state
+    names = set(model.state_dict())
+    unsaved = [name for name, _ in model.named_buffers() if name not in names]
+    if unsaved:  # they would stay uninitialised memory
+        raise WeightLoadError(checkpoint.weights, f"buffers not in the state dict: {unsaved[:5]}")
+    ema = None
+    if checkpoint.options.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(trainable, use_ema_warmup=True)
+        ema.load_state_dict(read_ema_state(checkpoint.path / EMA_FILE, trainable))
+    return model, trainable, ema
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    pretrained_model_name_or_path: str | None = None,
+) -> list[Path]:
+    """Write the checkpoint's diffusers folders into `out_dir`; return them.
+
+    With `overwrite`, export folders already in `out_dir` (controlnext, unet,
+    unet_lora and their `_ema`) are removed first, so none is left from another
+    run; nothing else there is touched.
+    """
+    from cnx.train import export
+
+    found = inspect_checkpoint(checkpoint)
+    out_dir = check_output(out_dir, overwrite)
+    model, trainable, ema = load_checkpoint(found, pretrained_model_name_or_path)
+    for name in EXPORT_FOLDERS:
+        for suffix in ("", "_ema"):
+            if (out_dir / f"{name}{suffix}").is_dir():
+                shutil.rmtree(out_dir / f"{name}{suffix}")
+    export(model, out_dir, found.options.trainable, ema, trainable)
+    return sorted(out_dir / f"{n}{s}" for n in EXPORT_FOLDERS for s in ("", "_ema") if (out_dir / f"{n}{s}").is_dir())
+
+
+def describe(folder: Path) -> str:
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    size = sum(p.stat().st_size for p in files)
+    return f"  {folder}  ({', '.join(p.name for p in files)}; {size / 2**20:.1f} MiB)"
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cnx export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a checkpoint-<step> folder written by cnx train")
+    parser.add_argument("out", help="folder to write the diffusers folders into (new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="the SVD folder or hub id whose unet/config.json the run used, if it has moved "
+        "(default: the run's own)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        found = inspect_checkpoint(args.checkpoint)
+        check_output(args.out, args.overwrite)
+    except ExportInputError as err:
+        print(f"cnx export: {err}", file=sys.stderr)
+        return 2
+    from cnx.weights import WeightLoadError
+
+    try:
+        written = export_checkpoint(args.checkpoint, args.out, args.overwrite, args.pretrained_model_name_or_path)
+    except (WeightLoadError, OSError) as err:
+        print(f"cnx export: {err}", file=sys.stderr)
+        return 1
+    options = found.options
+    ema = ", with EMA" if options.use_ema else ""
+    print(f"exported {found.path} (step {found.step}, --trainable {options.trainable}{ema}) to {args.out}:")
+    print("\n".join(describe(folder) for folder in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
