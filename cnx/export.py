@@ -115,14 +115,14 @@ def check_output(out_dir: str | Path, overwrite: bool) -> Path:
 
 def read_model_state(checkpoint: Checkpoint) -> dict:
     """The ControlNeXtSVD state dict (`unet.*`, `controlnext.*`) of a checkpoint, on the CPU."""
-    from cnx.weights import read_state_dict, unwrap_state_dict
+    from cnx.weights import read_state_dict
 
     if checkpoint.deepspeed:
         state = read_deepspeed_state(checkpoint.path)
     else:
         state = read_state_dict(checkpoint.weights)  # by extension; .bin with weights_only=True
     if state and all(key.startswith("module.") for key in state):  # a DDP / DeepSpeed wrapper's names
-        state = unwrap_state_dict(state, "module")
+        state = {key.removeprefix("module."): value for key, value in state.items()}
     return state
 
 
@@ -199,7 +199,26 @@ def read_ema_state(path: str | Path, parameters: list) -> dict:
 # The model and the export
 
 
-def build_model(options, pretrained_model_name_or_path: str | None = None):
+def unet_config(options, pretrained_model_name_or_path: str | None = None) -> dict:
+    """The config of the run's UNet (its config.json alone), or an ExportInputError in one line."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    source = options.pretrain_unet or pretrained_model_name_or_path or options.pretrained_model_name_or_path
+    subfolder = None if (Path(source) / "config.json").is_file() else "unet"
+    try:
+        config = UNetSpatioTemporalConditionModel.load_config(
+            source, subfolder=subfolder, revision=options.non_ema_revision or options.revision
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportInputError(
+            f"cannot read the UNet config.json of the run's model {source!r} (moved? pass "
+            f"--pretrained_model_name_or_path): {first}"
+        ) from None
+    return {**config, "_name_or_path": str(source)}  # as from_pretrained records it in unet/config.json
+
+
+def build_model(options, config: dict):
     """(ControlNeXtSVD with uninitialised CPU weights, its trainable parameters) as `cnx.train` builds them.
 
     Built on the meta device from the UNet's config alone, then given empty CPU
@@ -212,25 +231,21 @@ def build_model(options, pretrained_model_name_or_path: str | None = None):
     from cnx.controlnext import ControlNeXt, ControlNeXtSVD, controlnext_config_for
     from cnx.train import select_trainable
 
-    source = options.pretrain_unet or pretrained_model_name_or_path or options.pretrained_model_name_or_path
-    subfolder = None if (Path(source) / "config.json").is_file() else "unet"
-    revision = options.non_ema_revision or options.revision
-    config = UNetSpatioTemporalConditionModel.load_config(source, subfolder=subfolder, revision=revision)
     with torch.device("meta"):
         unet = UNetSpatioTemporalConditionModel.from_config(config)
+        unet.register_to_config(_name_or_path=config.get("_name_or_path"))
         controlnext = ControlNeXt(**controlnext_config_for(unet.config.block_out_channels[0]))
         model = ControlNeXtSVD(unet, controlnext)
-    trainable = select_trainable(model, options.trainable, options.rank)
+    select_trainable(model, options.trainable, options.rank)
     model.to_empty(device="cpu")
-    trainable = [p for p in model.parameters() if p.requires_grad]  # to_empty made new parameters
-    return model, trainable
+    return model, [p for p in model.parameters() if p.requires_grad]  # in select_trainable's order
 
 
-def load_checkpoint(checkpoint: Checkpoint, pretrained_model_name_or_path: str | None = None):
+def load_checkpoint(checkpoint: Checkpoint, config: dict):
     """(model with the checkpoint's weights, trainable parameters, EMAModel or None), all strict."""
     from cnx.weights import WeightLoadError, load_state_strict
 
-    model, trainable = build_model(checkpoint.options, pretrained_model_name_or_path)
+    model, trainable = build_model(checkpoint.options, config)
     state = read_model_state(checkpoint)
     load_state_strict(model, state, checkpoint.weights)
     del state
@@ -263,13 +278,15 @@ def export_checkpoint(
 
     found = inspect_checkpoint(checkpoint)
     out_dir = check_output(out_dir, overwrite)
-    model, trainable, ema = load_checkpoint(found, pretrained_model_name_or_path)
+    config = unet_config(found.options, pretrained_model_name_or_path)
+    model, trainable, ema = load_checkpoint(found, config)
     for name in EXPORT_FOLDERS:
         for suffix in ("", "_ema"):
             if (out_dir / f"{name}{suffix}").is_dir():
                 shutil.rmtree(out_dir / f"{name}{suffix}")
     export(model, out_dir, found.options.trainable, ema, trainable)
-    return sorted(out_dir / f"{n}{s}" for n in EXPORT_FOLDERS for s in ("", "_ema") if (out_dir / f"{n}{s}").is_dir())
+    names = [f"{name}{suffix}" for suffix in ("", "_ema") for name in EXPORT_FOLDERS]
+    return [out_dir / name for name in names if (out_dir / name).is_dir()]
 
 
 def describe(folder: Path) -> str:
@@ -297,14 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         found = inspect_checkpoint(args.checkpoint)
         check_output(args.out, args.overwrite)
+        unet_config(found.options, args.pretrained_model_name_or_path)  # a config file, not a model
     except ExportInputError as err:
         print(f"cnx export: {err}", file=sys.stderr)
         return 2
     from cnx.weights import WeightLoadError
 
     try:
-        written = export_checkpoint(args.checkpoint, args.out, args.overwrite, args.pretrained_model_name_or_path)
-    except (WeightLoadError, OSError) as err:
+        written = export_checkpoint(
+            args.checkpoint, args.out, args.overwrite, args.pretrained_model_name_or_path
+        )
+    except (WeightLoadError, ExportInputError) as err:
         print(f"cnx export: {err}", file=sys.stderr)
         return 1
     options = found.options
