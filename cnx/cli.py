@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("cnx.train", "train ControlNeXt on SVD (the original command's flags; launch with accelerate)"),
     "generate": ("cnx.generate", "animate a reference image along poses with SVD and a trained ControlNeXt"),
     "validate": ("cnx.validate", "generate a validation folder's video and score it (metrics.json)"),
+    "export": ("cnx.export", "write a training checkpoint's weights as diffusers folders (as final/)"),
 }
 
 

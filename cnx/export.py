@@ -32,6 +32,7 @@ from pathlib import Path
 
 OPTIONS_FILE = "training_options.json"
 STATE_FILE = "trainer_state.json"
+CHECKPOINT_PREFIX = "checkpoint-"  # = cnx.train.CHECKPOINT_PREFIX (cnx.train imports torch)
 PLAIN_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # accelerate's save_state, safe first
 DEEPSPEED_TAG = "pytorch_model"  # the folder accelerate's save_state gives DeepSpeed's checkpoint
 # cnx.train registers the EMA for checkpointing before the LR scheduler: it is custom object 0.
@@ -67,11 +68,12 @@ def inspect_checkpoint(path: str | Path) -> Checkpoint:
         raise ExportInputError(f"{path}: no such checkpoint folder")
     missing = [name for name in (STATE_FILE, OPTIONS_FILE) if not (path / name).is_file()]
     if missing:
-        runs = sorted(
-            (p for p in path.glob("checkpoint-*") if (p / STATE_FILE).is_file()),
-            key=lambda p: int(p.name.removeprefix("checkpoint-")) if p.name[11:].isdigit() else -1,
-        )
-        hint = f"; a run folder? its latest checkpoint is {runs[-1]}" if runs else ""
+        steps = {  # complete checkpoint-<step> folders, in case `path` is a run's output_dir
+            int(p.name.removeprefix(CHECKPOINT_PREFIX)): p
+            for p in path.glob(f"{CHECKPOINT_PREFIX}*")
+            if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit() and (p / STATE_FILE).is_file()
+        }
+        hint = f"; a run folder? its latest checkpoint is {steps[max(steps)]}" if steps else ""
         raise ExportInputError(f"{path}: not a cnx checkpoint (no {' or '.join(missing)}){hint}")
     try:
         options = TrainingOptions.from_json(path / OPTIONS_FILE)
@@ -152,7 +154,7 @@ def read_deepspeed_state(checkpoint_dir: str | Path) -> dict:
 
     DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint` merges the ranks'
     shards (frozen weights and buffers come from the model states file). Its
-    progress lines go nowhere.
+    progress lines and bars go nowhere.
     """
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -160,7 +162,8 @@ def read_deepspeed_state(checkpoint_dir: str | Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]  # records, no code
-    with _weights_only_loads(allowed), contextlib.redirect_stdout(io.StringIO()):
+    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with _weights_only_loads(allowed), quiet[0], quiet[1]:
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_TAG)
     return {key: value.contiguous() for key, value in state.items()}
 

@@ -391,6 +391,42 @@ def build_models(options, device, weight_dtype: torch.dtype):
 # The loop
 
 
+def check_environment(options) -> None:
+    """Refuse, before any model loads, what this machine cannot do for these options."""
+    if options.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as err:
+            raise SystemExit(
+                f"cnx train: --use_8bit_adam needs bitsandbytes, which does not load here ({err})"
+            ) from None
+    if options.push_to_hub:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise SystemExit(
+                "cnx train: --push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it, or train "
+                "without --push_to_hub and upload output_dir/final later (huggingface-cli upload)"
+            )
+
+
+def push_to_hub(folder: Path, options) -> None:
+    """Upload the exported folder to `--hub_model_id`; a clear error (the folder stays) when that fails."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi(token=options.hub_token)
+        api.create_repo(options.hub_model_id, exist_ok=True)
+        api.upload_folder(
+            repo_id=options.hub_model_id, folder_path=folder, commit_message="cnx train: final weights"
+        )
+    except Exception as err:  # offline, no token, no permission: the weights are safe on disk either way
+        raise SystemExit(
+            f"cnx train: --push_to_hub to {options.hub_model_id} failed ({err}); {folder} is intact"
+        ) from err
+    print(f"uploaded {folder} to https://huggingface.co/{options.hub_model_id}")
+
+
 def make_accelerator(options):
     from datetime import timedelta
 
@@ -479,6 +515,7 @@ def train(options) -> Path:
 
     from cnx.data import ClipDataset
 
+    check_environment(options)
     accelerator = make_accelerator(options)
     world, main = accelerator.num_processes, accelerator.is_main_process
     output_dir = Path(options.output_dir)
@@ -606,9 +643,11 @@ def train(options) -> Path:
         bar.close()
         log.close()
 
-    # Export the final weights (and their EMA) as diffusers folders.
+    # Export the final weights (and their EMA) as diffusers folders; upload them when asked.
     if main:
         export(accelerator.unwrap_model(model), output_dir / "final", options.trainable, ema, trainable)
+        if options.push_to_hub:
+            push_to_hub(output_dir / "final", options)
     accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - start
     if main:

@@ -28,6 +28,7 @@ REQUIRED = {
     "tqdm",
     "av",
     "torchmetrics",
+    "peft",
 }
 
 

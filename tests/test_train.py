@@ -262,3 +262,50 @@ def test_the_original_readme_command_trains_validates_checkpoints_and_exports(ti
     options = json.loads((tmp_path / "checkpoint-2" / "training_options.json").read_text())
     assert options["mixed_precision"] == "bf16" and options["num_train_epochs"] == 6000
     assert (tmp_path / "final" / "controlnext" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--use_8bit_adam"], "--use_8bit_adam needs bitsandbytes"),
+        (
+            ["--push_to_hub", "--hub_model_id=me/cnx"],
+            "--push_to_hub needs the network, but HF_HUB_OFFLINE is set",
+        ),
+    ],
+)
+def test_what_this_machine_cannot_do_is_refused_before_any_model_loads(tmp_path, flags, message):
+    if flags[0] == "--use_8bit_adam":
+        try:
+            import bitsandbytes  # noqa: F401
+
+            pytest.skip("bitsandbytes loads here")
+        except Exception:
+            pass
+    result = run(
+        "/nonexistent/svd", tmp_path, *flags
+    )  # the model path would fail later: the check comes first
+    assert result.returncode != 0 and message in result.stderr.strip().splitlines()[-1]
+
+
+def test_lora_export_merges_the_adapters_into_a_plain_unet(setup):
+    import copy
+
+    model = copy.deepcopy(setup[1].model)
+    train.select_trainable(model, "lora", rank=4)
+    with torch.no_grad():
+        for name, parameter in model.unet.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: give the adapters something to merge
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    merged = train.merged_unet(model.unet)
+    assert not any("lora" in name for name in merged.state_dict())
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 2, 8, 12, 8, generator=g)
+    embeddings = torch.randn(1, 1, model.unet.config.cross_attention_dim, generator=g)
+    time_ids = torch.tensor([[6.0, 127.0, 0.02]])
+    with torch.no_grad():
+        adapted = model.unet(sample, 0.5, embeddings, time_ids).sample
+        plain = merged(sample, 0.5, embeddings, time_ids).sample
+        base = setup[1].model.unet(sample, 0.5, embeddings, time_ids).sample
+    torch.testing.assert_close(plain, adapted, atol=1e-5, rtol=1e-4)
+    assert (adapted - base).abs().max() > 1e-4  # the adapters did change the UNet

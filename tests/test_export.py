@@ -1,0 +1,168 @@
+"""cnx export: a checkpoint's export equals the run's own final/ (plain, LoRA, DeepSpeed); bad input."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cnx import export
+from cnx.options import TrainingOptions
+from cnx.profiles import DATA_SAMPLES
+
+META = DATA_SAMPLES / "meta_info.json"
+SMALL = ["--width=64", "--height=96", "--sample_n_frames=4", "--interval_frame=3", "--num_workers=0"]
+STEPS = ["--max_train_steps=2", "--checkpointing_steps=2"]  # checkpoint-2 and final/ hold the same step
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def train_argv(tiny_svd_dir, output_dir, *extra):
+    base = [f"--pretrained_model_name_or_path={tiny_svd_dir}", f"--output_dir={output_dir}"]
+    return [*base, f"--meta_info_path={META}", *SMALL, *STEPS, *extra]
+
+
+def run(*argv, env=ENV):
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+
+
+def cnx_export(*argv):
+    return run(sys.executable, "-m", "cnx.cli", "export", *map(str, argv))
+
+
+def files_of(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def assert_same_export(final: Path, exported: Path, exact: bool = True) -> None:
+    """Same folders and files; configs equal; every tensor equal (or close, for fp32 round trips)."""
+    assert files_of(exported) == files_of(final)
+    for name in files_of(final):
+        if name.endswith(".json"):
+            assert json.loads((exported / name).read_text()) == json.loads((final / name).read_text()), name
+            continue
+        want, got = load_file(final / name), load_file(exported / name)
+        assert got.keys() == want.keys(), name
+        for key, tensor in want.items():
+            if exact:
+                assert torch.equal(got[key], tensor), f"{name}: {key}"
+            else:
+                torch.testing.assert_close(got[key], tensor, msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize(
+    "mode, extra, folders",
+    [
+        ("full", ["--use_ema"], {"controlnext", "unet", "controlnext_ema", "unet_ema"}),
+        ("lora", ["--use_ema", "--rank=4"], {"controlnext", "unet", "unet_lora"} | {"unet_lora_ema"}),
+        ("controlnext", [], {"controlnext"}),  # without EMA the LR schedule is custom object 0
+    ],
+)
+def test_an_exported_checkpoint_equals_the_final_export_of_its_run(
+    tiny_svd_dir, tmp_path, mode, extra, folders
+):
+    trained = run(
+        sys.executable, "-m", "cnx.train", *train_argv(tiny_svd_dir, tmp_path, f"--trainable={mode}", *extra)
+    )
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    final = tmp_path / "final"
+    assert {p.name for p in final.iterdir()} >= folders
+    out = tmp_path / "exported"
+    (out / "unet_lora_ema").mkdir(parents=True)  # a stale export folder, and a file of the user's
+    (out / "unet_lora_ema" / "stale.safetensors").write_text("old")
+    (out / "notes.txt").write_text("mine")
+
+    result = cnx_export(tmp_path / "checkpoint-2", out, "--overwrite")
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    (out / "notes.txt").unlink()  # left alone; the stale folder was replaced or removed
+    assert_same_export(final, out)
+    assert all(str(out / name) in result.stdout for name in {p.name for p in final.iterdir()})
+    assert "step 2" in result.stdout.splitlines()[0]
+
+
+def test_a_deepspeed_zero2_checkpoint_exports_its_fp32_weights(tiny_svd_dir, tmp_path):
+    """Two CPU processes under ZeRO-2 (the first such run on a machine JIT-compiles a comm op, ~30 s)."""
+    with socket.socket() as probe:  # a free port, so concurrent runs do not collide on 29500
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    launch = [str(accelerate), "launch", "--use_deepspeed", "--zero_stage", "2", "--num_processes", "2"]
+    launch += ["--mixed_precision", "no", f"--main_process_port={port}", "-m", "cnx.train"]
+    trained = run(
+        *launch, *train_argv(tiny_svd_dir, tmp_path, "--use_ema"), env={**ENV, "DS_ACCELERATOR": "cpu"}
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / "pytorch_model").is_dir() and not (checkpoint / "model.safetensors").exists()
+    out = tmp_path / "exported"
+
+    result = run(sys.executable, "-m", "cnx.export", str(checkpoint), str(out))
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_export(tmp_path / "final", out, exact=False)
+    assert {p.name for p in out.iterdir()} == {"controlnext", "unet", "controlnext_ema", "unet_ema"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 2, before any model is built
+
+
+def fake_checkpoint(folder: Path, weights: bool = True, **options) -> Path:
+    folder.mkdir(parents=True)
+    TrainingOptions(**options).to_json(folder / "training_options.json")
+    (folder / "trainer_state.json").write_text('{"step": 2}')
+    if weights:
+        (folder / "model.safetensors").write_bytes(b"")  # only its presence is checked up front
+    return folder
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", "no such checkpoint folder"),
+        (
+            "run folder",
+            "not a cnx checkpoint (no trainer_state.json or training_options.json); a run folder? ",
+        ),
+        ("no weights", "no weights inside (expected model.safetensors or pytorch_model.bin"),
+        ("no ema state", "the run used --use_ema but its EMA state custom_checkpoint_0.pkl is missing"),
+        ("bad options", "unknown options learning_rat"),
+        ("moved model", "cannot read the UNet config.json of the run's model"),
+        ("out not empty", "exists and is not empty (pass --overwrite to write into it)"),
+    ],
+)
+def test_bad_input_is_refused_in_one_line(tmp_path, capsys, case, expected):
+    from cnx.cli import main
+
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    out = tmp_path / "out"
+    if case == "run folder":
+        fake_checkpoint(checkpoint)
+        checkpoint = checkpoint.parent
+    elif case == "no weights":
+        fake_checkpoint(checkpoint, weights=False)
+    elif case == "no ema state":
+        fake_checkpoint(checkpoint, use_ema=True)
+    elif case == "bad options":
+        fake_checkpoint(checkpoint)
+        (checkpoint / "training_options.json").write_text('{"learning_rat": 1e-5}')
+    elif case == "moved model":
+        fake_checkpoint(checkpoint, pretrained_model_name_or_path=str(tmp_path / "moved-svd"))
+    elif case == "out not empty":
+        fake_checkpoint(checkpoint)
+        out.mkdir()
+        (out / "keep.txt").write_text("")
+
+    assert main(["export", str(checkpoint), str(out)]) == 2
+
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1, captured.err
+    assert captured.err.startswith("cnx export: ") and expected in captured.err
+    assert case == "out not empty" or not out.exists()
+    assert export.main([str(checkpoint), str(out)]) == 2  # `python -m cnx.export` says the same
+    assert capsys.readouterr().err == captured.err
