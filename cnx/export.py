@@ -208,6 +208,9 @@ def unet_config(options, pretrained_model_name_or_path: str | None = None) -> di
 
     source = options.pretrain_unet or pretrained_model_name_or_path or options.pretrained_model_name_or_path
     subfolder = None if (Path(source) / "config.json").is_file() else "unet"
+    hint = "moved? pass --pretrained_model_name_or_path"
+    if source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():  # a path, not a hub id
+        raise ExportInputError(f"{source}: the run's model folder does not exist ({hint})")
     try:
         config = UNetSpatioTemporalConditionModel.load_config(
             source, subfolder=subfolder, revision=options.non_ema_revision or options.revision
@@ -215,8 +218,7 @@ def unet_config(options, pretrained_model_name_or_path: str | None = None) -> di
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ExportInputError(
-            f"cannot read the UNet config.json of the run's model {source!r} (moved? pass "
-            f"--pretrained_model_name_or_path): {first}"
+            f"cannot read the UNet config.json of the run's model {source!r} ({hint}): {first}"
         ) from None
     return {**config, "_name_or_path": str(source)}  # as from_pretrained records it in unet/config.json
 

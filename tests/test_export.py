@@ -132,7 +132,7 @@ def fake_checkpoint(folder: Path, weights: bool = True, **options) -> Path:
         ("no weights", "no weights inside (expected model.safetensors or pytorch_model.bin"),
         ("no ema state", "the run used --use_ema but its EMA state custom_checkpoint_0.pkl is missing"),
         ("bad options", "unknown options learning_rat"),
-        ("moved model", "cannot read the UNet config.json of the run's model"),
+        ("moved model", "moved-svd: the run's model folder does not exist (moved? pass --pretrained_model"),
         ("out not empty", "exists and is not empty (pass --overwrite to write into it)"),
     ],
 )
