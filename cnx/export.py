@@ -25,6 +25,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import shutil
 import sys
 from dataclasses import dataclass
@@ -150,21 +151,28 @@ def _weights_only_loads(allowed: list):
 
 
 def read_deepspeed_state(checkpoint_dir: str | Path) -> dict:
-    """Full fp32 weights of a DeepSpeed (ZeRO 0-3) checkpoint, from its optimizer's master copies.
+    """Full fp32 weights of a DeepSpeed ZeRO checkpoint, from its optimizer's master copies.
 
     DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint` merges the ranks'
     shards (frozen weights and buffers come from the model states file). Its
-    progress lines and bars go nowhere.
+    progress lines and bars go nowhere. Tested with ZeRO-2; a stage or precision
+    whose shards pickle another class is refused, naming it.
     """
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from cnx.weights import WeightLoadError
+
     allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]  # records, no code
     quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
-    with _weights_only_loads(allowed), quiet[0], quiet[1]:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_TAG)
+    try:
+        with _weights_only_loads(allowed), quiet[0], quiet[1]:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_TAG)
+    except pickle.UnpicklingError as err:  # an object outside the allowed records
+        first = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), err)
+        raise WeightLoadError(Path(checkpoint_dir) / DEEPSPEED_TAG, f"refused to unpickle: {first}") from None
     return {key: value.contiguous() for key, value in state.items()}
 
 
@@ -180,7 +188,10 @@ def read_ema_state(path: str | Path, parameters: list) -> dict:
     from cnx.weights import WeightLoadError
 
     path = Path(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise WeightLoadError(path, f"refused: holds objects other than tensors ({err})") from None
     shadow = state.get("shadow_params") if isinstance(state, dict) else None
     if not isinstance(shadow, list):
         raise WeightLoadError(path, "not a diffusers EMAModel state (no shadow_params list)")
