@@ -268,6 +268,23 @@ def rotate(output_dir: Path, limit: int | None, keep: Path | None) -> None:
 # Logs
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the json lines of `path` up to `step`: later ones are redone by a resumed run.
+
+    A line cut short by a crash (not valid json) is dropped too.
+    """
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 class StepLog:
     """`logs/steps.jsonl`: one json line per optimizer step, flushed as written (main process only)."""
 
@@ -275,11 +292,8 @@ class StepLog:
         self.file = None
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():  # drop lines past the checkpoint being resumed: they will be redone
-                kept = [
-                    line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step
-                ]
-                path.write_text("".join(line + "\n" for line in kept))
+            truncate_log(path, resume_step)
+            truncate_log(path.parent / "validation.jsonl", resume_step)
             self.file = path.open("a")
 
     def write(self, record: dict) -> None:

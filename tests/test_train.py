@@ -309,3 +309,10 @@ def test_lora_export_merges_the_adapters_into_a_plain_unet(setup):
         base = setup[1].model.unet(sample, 0.5, embeddings, time_ids).sample
     torch.testing.assert_close(plain, adapted, atol=1e-5, rtol=1e-4)
     assert (adapted - base).abs().max() > 1e-4  # the adapters did change the UNet
+
+
+def test_a_resumed_run_drops_log_lines_past_its_checkpoint_and_a_line_cut_by_a_crash(tmp_path):
+    log = tmp_path / "steps.jsonl"
+    log.write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 2}\n{"step": 3, "loss": 3}\n{"step": 4, "lo')
+    train.truncate_log(log, 2)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
