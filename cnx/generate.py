@@ -156,6 +156,18 @@ def load_pipeline(
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def pipeline_from_args(args: argparse.Namespace, weights: tuple[Path, Path | None]):
+    """`load_pipeline` for the shared flags and the (ControlNeXt, UNet) `find_trained_weights` found."""
+    controlnext, unet = weights
+    return load_pipeline(
+        args.pretrained_model_name_or_path,
+        controlnext,
+        args.unet_model_name_or_path or unet,
+        args.device,
+        args.dtype,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing outputs
 
@@ -295,17 +307,11 @@ def main(argv: list[str] | None = None) -> int:
             else None
         )
         poses = pose_images(poses, reference, height, width, args.align_poses, args.reference_keypoints)
-        controlnext, unet = find_trained_weights(args.controlnext)
+        weights = find_trained_weights(args.controlnext)
     except InputError as err:
         print(f"cnx generate: {err}", file=sys.stderr)
         return 2
-    pipe = load_pipeline(
-        args.pretrained_model_name_or_path,
-        controlnext,
-        args.unet_model_name_or_path or unet,
-        args.device,
-        args.dtype,
-    )
+    pipe = pipeline_from_args(args, weights)
     options = sampling_options(args)
     generated = to_uint8(
         pipe(reference, poses, height=height, width=width, output_type="np", **options).frames[0]

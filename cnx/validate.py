@@ -26,9 +26,9 @@ from cnx.generate import (
     add_sampling_arguments,
     find_trained_weights,
     fit,
-    load_pipeline,
     numbered_images,
     output_size,
+    pipeline_from_args,
     read_frames_input,
     read_image,
     sampling_options,
@@ -151,17 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validation = read_validation_set(*parts.values(), args.keypoints, args.max_frames)
         height, width = output_size(validation.reference, args.height, args.width)
-        controlnext, unet = find_trained_weights(args.controlnext)
+        weights = find_trained_weights(args.controlnext)
     except InputError as err:
         print(f"cnx validate: {err}", file=sys.stderr)
         return 2
-    pipe = load_pipeline(
-        args.pretrained_model_name_or_path,
-        controlnext,
-        args.unet_model_name_or_path or unet,
-        args.device,
-        args.dtype,
-    )
+    pipe = pipeline_from_args(args, weights)
     result = run_validation(pipe, validation, args.output_dir, height, width, **sampling_options(args))
     for name, value in result.items():
         print(f"{name:>16}: {value:.4f}")
