@@ -605,7 +605,12 @@ def train(options) -> Path:
     log = StepLog(output_dir / "logs" / "steps.jsonl", main, step)
     data = loop_batches(dataset, options, world, accelerator.process_index, position)
     bar = tqdm(
-        total=total_steps, initial=step, desc="train", unit="step", disable=not main, dynamic_ncols=True
+        total=total_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not main or os.environ.get("CNX_PROGRESS") == "off",
+        dynamic_ncols=True,
     )
     start, samples_seen = time.perf_counter(), 0
 

@@ -1,0 +1,91 @@
+"""Run folders: written from a profile, moved, and run with `bash launch.sh` or `cnx.launch.run`."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from cnx import launch
+from cnx.options import TrainingOptions
+
+
+def test_a_full_profile_folder_for_two_nodes_of_eight_gpus(tmp_path):
+    folder = launch.write_run_folder(
+        "full",
+        ["--trainable=selective"],
+        num_gpus=8,
+        num_machines=2,
+        main_process_ip="10.0.0.1",
+        offload_optimizer=True,
+        runs_dir=tmp_path,
+    )
+    assert folder.name == "00000-full-8x2-selective"
+    options = TrainingOptions.from_json(folder / "training_options.json")
+    assert (options.width, options.height, options.sample_n_frames, options.interval_frame) == (
+        576,
+        1024,
+        21,
+        3,
+    )
+    assert (
+        options.mixed_precision == "bf16" and options.gradient_checkpointing and options.learning_rate == 1e-5
+    )
+    assert options.trainable == "selective" and options.output_dir == "output"
+    config = yaml.safe_load((folder / "accelerate.yaml").read_text())
+    assert config["distributed_type"] == "DEEPSPEED" and config["num_processes"] == 16
+    assert config["num_machines"] == 2 and config["main_process_ip"] == "10.0.0.1" and not config["use_cpu"]
+    deepspeed = json.loads((folder / "deepspeed.json").read_text())
+    assert deepspeed["zero_optimization"]["stage"] == 2 and deepspeed["bf16"]["enabled"]
+    assert deepspeed["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert deepspeed["gradient_clipping"] == options.max_grad_norm
+    script = (folder / "launch.sh").read_text()
+    for flag in options.as_argv(changed_only=False):  # every flag spelled out
+        assert flag in script, flag
+    sbatch = (folder / "slurm.sbatch").read_text()
+    assert (
+        "#SBATCH --nodes=2" in sbatch and "#SBATCH --gpus-per-node=8" in sbatch and "SLURM_NODEID" in sbatch
+    )
+    assert "torch" in (folder / "doctor.txt").read_text()
+    assert len((folder / "README.md").read_text().strip().splitlines()) <= 4
+    again = launch.write_run_folder("full", [], runs_dir=tmp_path)
+    assert again.name == "00001-full-8x1-full"
+
+
+def test_bad_training_flags_stop_the_folder_before_it_is_written(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        launch.write_run_folder("tiny", ["--learning_rat=1"], runs_dir=tmp_path)
+    assert info.value.code == 2 and "--learning_rate" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_tiny_folder_moved_elsewhere_trains_with_bash_launch_sh(tmp_path):
+    written = launch.write_run_folder(
+        "tiny",
+        ["--max_train_steps=2", "--checkpointing_steps=2", "--validation_steps=2", "--num_frames=4"],
+        runs_dir=tmp_path / "here",
+    )
+    assert written.name == "00000-tiny-1x1-full"
+    config = yaml.safe_load((written / "accelerate.yaml").read_text())
+    assert (
+        config["distributed_type"] == "NO" and config["use_cpu"] and not (written / "deepspeed.json").exists()
+    )
+    moved = tmp_path / "elsewhere" / written.name
+    shutil.move(written, moved)  # the folder travels with its stand-in model and relative paths
+    lines = []
+    assert launch.run(moved, echo=lines.append) == 0, "\n".join(lines[-30:])
+    assert any(line.startswith("done: 2 steps") for line in lines)
+    output = moved / "output"
+    assert (output / "checkpoint-2" / "trainer_state.json").is_file()
+    assert (output / "final" / "controlnext" / "config.json").is_file()
+    assert json.loads((output / "logs" / "validation.jsonl").read_text().splitlines()[0])["step"] == 2
+
+
+def test_stopping_a_run_ends_its_whole_process_group():
+    child = subprocess.Popen(
+        ["bash", "-c", f"{sys.executable} -c 'import time; time.sleep(600)' & wait"], start_new_session=True
+    )
+    code = launch._stop(child)
+    assert code != 0 and child.poll() is not None
