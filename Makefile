@@ -17,22 +17,11 @@ $(BIN)/cnx: pyproject.toml
 
 venv: $(BIN)/cnx
 
-# The main job, small: a stand-in SVD, the bundled dancers checked, then a short training run with
-# validation, checkpoints and the final export (`cnx train`, the original command's flags).
-DEMO := .cache/demo
+# The main job, small: a run folder for the tiny profile (stand-in SVD, the bundled dancers), then a
+# short CPU training run through it with validation, checkpoints and the final export.
 demo: venv
-	$(BIN)/cnx tiny-model $(DEMO)/tiny-svd
 	$(BIN)/cnx check-data --meta_info_path data_samples/meta_info.json --sample_n_frames 8 --interval_frame 3 --quiet
-	rm -rf $(DEMO)/run
-	$(BIN)/cnx train --pretrained_model_name_or_path=$(DEMO)/tiny-svd --output_dir=$(DEMO)/run \
-		--meta_info_path=data_samples/meta_info.json \
-		--validation_image_folder=data_samples/validation/ground_truth \
-		--validation_control_folder=data_samples/validation/pose \
-		--validation_image=data_samples/validation/reference_image.png \
-		--width=64 --height=96 --sample_n_frames=8 --interval_frame=3 --num_frames=14 \
-		--learning_rate=1e-4 --lr_warmup_steps=5 --max_train_steps=30 --checkpointing_steps=15 \
-		--validation_steps=30 --use_ema --num_workers=0
-	@echo "demo: losses in $(DEMO)/run/logs/steps.jsonl, validation in $(DEMO)/run/validation, weights in $(DEMO)/run/final"
+	$(BIN)/cnx launch --profile tiny --runs_dir .cache/demo/runs
 
 lint: venv
 	$(BIN)/ruff check .

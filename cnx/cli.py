@@ -14,7 +14,9 @@ COMMANDS = {
     "train": ("cnx.train", "train ControlNeXt on SVD (the original command's flags; launch with accelerate)"),
     "generate": ("cnx.generate", "animate a reference image along poses with SVD and a trained ControlNeXt"),
     "validate": ("cnx.validate", "generate a validation folder's video and score it (metrics.json)"),
+    "launch": ("cnx.launch", "write a run folder from a profile (tiny, full) and run it"),
     "export": ("cnx.export", "write a training checkpoint's weights as diffusers folders (as final/)"),
+    "doctor": ("cnx.doctor", "report Python, torch, devices, disk and every package against its pin"),
 }
 
 

@@ -293,7 +293,7 @@ def _update(bar, steps_log: Path) -> None:
             last = json.loads(lines[-1]) if lines else None
         except json.JSONDecodeError:  # a line being written
             return
-        if last is not None:
+        if last is not None and last["step"] != bar.n:  # redraw only on a new step
             bar.n = last["step"]
             bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
             bar.refresh()
@@ -353,7 +353,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print((folder / "launch.sh").read_text())
         return 0
-    return run(folder)
+    code = run(folder)
+    if code == 0:
+        print(outputs_summary(folder))
+    return code
+
+
+def outputs_summary(folder: Path) -> str:
+    """Where a finished run's results are: checkpoint, validation video and metrics, logs, weights."""
+    output = Path(folder) / OUTPUT
+    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
+    videos = sorted(output.glob("validation/step-*/video-*/video.mp4"))
+    found = {
+        "checkpoint": checkpoints[-1] if checkpoints else None,
+        "validation video": videos[-1] if videos else None,
+        "validation metrics": videos[-1].parent / "metrics.json" if videos else None,
+        "step log": output / "logs" / "steps.jsonl",
+        "TensorBoard": output / "logs" / "cnx",
+        "final weights": output / "final",
+    }
+    return "\n".join(
+        f"{name:>18}: {path}" for name, path in found.items() if path is not None and path.exists()
+    )
 
 
 if __name__ == "__main__":

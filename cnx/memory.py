@@ -1,0 +1,552 @@
+"""`cnx plan-memory`: what one training step holds in each GPU's memory, before any GPU is rented.
+
+Everything is computed from the model configs on the meta device (shapes, no
+storage, nothing downloaded): the tiny profile is `cnx.tiny`'s stand-in, the
+full profile SVD-xt (diffusers' default `UNetSpatioTemporalConditionModel`,
+`AutoencoderKLTemporalDecoder`, CLIP ViT-H/14) with the published ControlNeXt.
+
+Exact (tests compare them with the real tensors of a tiny training step):
+- weights: the UNet + ControlNeXt parameters as the trainer holds them, float32
+  (accelerate's autocast computes in half precision but keeps float32 weights);
+- gradients: one per trainable parameter, in its dtype;
+- optimizer: AdamW's two float32 moments per trainable parameter. Its per-tensor
+  `step` counters live on the CPU (torch's non-fused AdamW), so they are CPU bytes;
+- frozen: the VAE and the CLIP image encoder in the weight dtype;
+- batch: pixel_values, pose_frames, hand_weights and reference_image in float32.
+Measured:
+- activations: the bytes autograd saves for backward (unique storages, weights
+  excluded) in one training forward of UNet + ControlNeXt, counted with
+  `saved_tensors_hooks` on the meta device, so SVD-xt at 21 x 576x1024 costs a
+  second and the count is the real model's, not a scaling guess. Attention is
+  counted as the fused kernel that SDPA runs on GPUs (and on CPUs): q, k, v,
+  output and logsumexp, never the L x L matrix. With gradient checkpointing the
+  count is what non-reentrant checkpointing keeps (the inputs of each
+  checkpointed block and what runs outside them) plus the largest block's own
+  saved tensors, recomputed in backward: an upper bound on the backward peak.
+  Mixed precision is counted as the forward of a half-precision module, which is
+  what DeepSpeed runs; under plain autocast the norms' float32 outputs make the
+  real figure somewhat larger. Activations are affine in the frame count, so
+  `max_frames` fits a line through two measurements and checks the answer.
+Modelled (not tested here: no DeepSpeed run on GPUs, no bitsandbytes):
+- DeepSpeed (zero_stage >= 1), as the ZeRO paper counts it: the module in the
+  weight dtype (half under mixed precision; ZeRO-3 partitions it), a float32
+  master copy and the AdamW moments of the trainable parameters partitioned over
+  the GPUs, half gradients (ZeRO-2/3 partitioned, plus one 5e8-element reduce
+  bucket, DeepSpeed's default) and the float32 gradient partition of the step;
+  `offload_optimizer` moves master, moments and fp32 gradients to the CPU.
+  ZeRO-3's gathered layers (prefetch, live parameters) are not counted.
+- Plain DDP over several GPUs keeps its flat all-reduce buckets beside `.grad`
+  (accelerate's default `gradient_as_bucket_view=False`): twice the gradients.
+- Autocast's half copies of the weights, held from the forward to the backward.
+- 8-bit AdamW from bitsandbytes' state layout: one byte per moment for tensors
+  of 4096 or more elements plus a float32 absmax per 256, float32 moments below.
+- EMA: a copy of the trainable parameters in the module's dtype (under DeepSpeed
+  mixed precision the engine has made them half, so the copy is half too).
+Not counted: the CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation,
+the gradients of activations alive during backward and the VAE's chunked
+no-grad encoding before the forward: `reserve_gb` (default 2) stands for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+
+import torch
+
+from cnx.options import TRAINABLE
+from cnx.profiles import PROFILES, get_profile
+
+GiB = 2**30
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+MIXED_PRECISION = ("no", "fp16", "bf16")
+ZERO_STAGES = (0, 1, 2, 3)  # 0: no DeepSpeed (accelerate's DDP)
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's default reduce_bucket_size
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' moments in float32
+BNB_BLOCK = 256  # bitsandbytes' blockwise quantisation: one float32 absmax per block
+BNB_QMAPS = 2 * 256 * 4  # its two shared 256-entry float32 quantisation maps
+DEFAULT_RESERVE_GB = 2.0  # CUDA context, workspaces, fragmentation (see the module docstring)
+PARTS = ("weights", "half_copies", "master_weights", "gradients", "optimizer", "ema", "frozen", "batch",
+         "activations")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and the plan
+
+
+def _option(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    profile: str = _option("full", "model sizes and default clip shape", tuple(PROFILES))
+    trainable: str = _option("full", "what trains, as `cnx train --trainable`", TRAINABLE)
+    num_gpus: int = _option(1, "data-parallel GPUs (ZeRO partitions over them)")
+    mixed_precision: str | None = _option(None, "no, fp16 or bf16; default: the profile's", MIXED_PRECISION)
+    zero_stage: int = _option(0, "DeepSpeed ZeRO stage; 0 = no DeepSpeed (DDP)", ZERO_STAGES)
+    offload_optimizer: bool = _option(False, "DeepSpeed: optimizer states (and fp32 master) on the CPU")
+    use_8bit_adam: bool = _option(False, "bitsandbytes' 8-bit AdamW")
+    use_ema: bool = _option(False, "keep an EMA copy of the trainable parameters")
+    gradient_checkpointing: bool = _option(True, "recompute activations in backward")
+    per_gpu_batch_size: int = _option(1, "clips per GPU per micro-batch")
+    sample_n_frames: int | None = _option(None, "frames per clip; default: the profile's")
+    width: int | None = _option(None, "pixels, a multiple of 8; default: the profile's")
+    height: int | None = _option(None, "pixels, a multiple of 8; default: the profile's")
+    rank: int = _option(128, "LoRA rank, with trainable=lora")
+    gpu_memory_gb: float | None = _option(None, "GPU memory in GiB (80 GB cards hold 80 GiB): find max_frames")
+    reserve_gb: float = _option(DEFAULT_RESERVE_GB, "GiB kept free for what the plan does not count")
+
+    def resolved(self) -> MemoryOptions:
+        """These options with the profile's defaults filled in."""
+        profile = get_profile(self.profile)
+        return dataclasses.replace(
+            self,
+            mixed_precision=self.mixed_precision or profile.mixed_precision,
+            sample_n_frames=self.sample_n_frames or profile.sample_n_frames,
+            width=self.width or profile.width,
+            height=self.height or profile.height,
+        )
+
+    def problems(self) -> list[str]:
+        found = [
+            f"--{f.name} must be one of {', '.join(map(str, f.metadata['choices']))}, got {getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.metadata["choices"] and getattr(self, f.name) not in (*f.metadata["choices"], None)
+        ]
+        for name in ("num_gpus", "per_gpu_batch_size", "sample_n_frames", "rank"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                found.append(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                found.append(f"--{name} must be a positive multiple of 8, got {value}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            found.append("--offload_optimizer is DeepSpeed's: give --zero_stage 1, 2 or 3")
+        if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
+            found.append(f"--gpu_memory_gb must be greater than 0, got {self.gpu_memory_gb}")
+        if not self.reserve_gb >= 0:
+            found.append(f"--reserve_gb must be 0 or more, got {self.reserve_gb}")
+        return found
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per GPU of each part of one training step; `cpu_bytes` is what sits in host memory."""
+
+    options: MemoryOptions  # resolved
+    weights: int
+    half_copies: int
+    master_weights: int
+    gradients: int
+    optimizer: int
+    ema: int
+    frozen: int
+    batch: int
+    activations: int
+    cpu_bytes: int
+    trainable_parameters: int
+    max_frames: int | None = None  # the most frames per clip that fit options.gpu_memory_gb, else None
+
+    @property
+    def parts(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in PARTS}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    def as_dict(self) -> dict:
+        return {
+            **self.parts,
+            "total_bytes": self.total_bytes,
+            "cpu_bytes": self.cpu_bytes,
+            "trainable_parameters": self.trainable_parameters,
+            "max_frames": self.max_frames,
+            "options": dataclasses.asdict(self.options),
+        }
+
+    def table(self) -> str:
+        o = self.options
+        engine = f"DeepSpeed ZeRO-{o.zero_stage}" if o.zero_stage else "DDP" if o.num_gpus > 1 else "1 process"
+        extras = [
+            "gradient checkpointing" if o.gradient_checkpointing else "no gradient checkpointing",
+            *(["optimizer offload"] if o.offload_optimizer else []),
+            *(["8-bit Adam"] if o.use_8bit_adam else []),
+            *(["EMA"] if o.use_ema else []),
+        ]
+        lines = [
+            f"{o.profile} profile, trainable {o.trainable} ({self.trainable_parameters:,} parameters), "
+            f"{o.num_gpus} GPU(s), {engine}, mixed precision {o.mixed_precision}, {', '.join(extras)}",
+            f"{o.per_gpu_batch_size} x {o.sample_n_frames} frames of {o.width}x{o.height} per GPU",
+            "",
+            f"{'part':<16}{'GiB per GPU':>12}",
+            *(f"{name:<16}{value / GiB:>12.2f}" for name, value in self.parts.items()),
+            f"{'total':<16}{self.total_bytes / GiB:>12.2f}",
+            f"{'(CPU)':<16}{self.cpu_bytes / GiB:>12.2f}",
+        ]
+        if self.max_frames is not None:
+            lines.append(
+                f"\nlargest frame count that fits {o.gpu_memory_gb:g} GiB ({o.reserve_gb:g} GiB kept free): "
+                f"{self.max_frames}"
+            )
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models on the meta device
+
+
+def full_components_on_meta():
+    """SVD-xt's UNet, VAE and CLIP ViT-H/14 image encoder and the published ControlNeXt, on meta."""
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from cnx.controlnext import ControlNeXt
+    from cnx.latents import CLIP_SIZE
+
+    with torch.device("meta"):
+        unet = UNetSpatioTemporalConditionModel(num_frames=25)  # diffusers' defaults are SVD-xt's
+        vae = AutoencoderKLTemporalDecoder()
+        image_encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_hidden_layers=32,
+                num_attention_heads=16,
+                patch_size=14,
+                image_size=CLIP_SIZE,
+                projection_dim=1024,
+                hidden_act="gelu",
+            )
+        )
+        controlnext = ControlNeXt()
+    return unet, vae, image_encoder, controlnext
+
+
+def tiny_components():
+    """The stand-in's UNet, VAE, image encoder and ControlNeXt (built for real: they are small)."""
+    from cnx.controlnext import ControlNeXt, controlnext_config_for
+    from cnx.tiny import build_tiny_components
+
+    width = PROFILES["tiny"].unet_width
+    unet, vae, image_encoder, _ = build_tiny_components(unet_width=width)
+    return unet, vae, image_encoder, ControlNeXt(**controlnext_config_for(width))
+
+
+@functools.lru_cache(maxsize=4)
+def meta_models(profile: str, trainable: str, rank: int):
+    """(ControlNeXtSVD with `trainable` selected, [vae, image_encoder]), all on the meta device."""
+    from cnx.controlnext import ControlNeXtSVD
+    from cnx.train import select_trainable
+
+    unet, vae, image_encoder, controlnext = (full_components_on_meta if profile == "full" else tiny_components)()
+    # .to("meta"): a few diffusers parameters are made with torch.Tensor([...]), which ignores the device.
+    model = ControlNeXtSVD(unet, controlnext).to("meta")
+    select_trainable(model, trainable, rank)
+    return model, [vae.to("meta"), image_encoder.to("meta")]
+
+
+def state_bytes(modules, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the modules' parameters and buffers; floating parameters counted in `dtype` if given."""
+    total = 0
+    for module in modules:
+        for p in module.parameters():
+            size = dtype.itemsize if dtype is not None and p.is_floating_point() else p.element_size()
+            total += p.numel() * size
+        total += sum(b.numel() * b.element_size() for b in module.buffers())
+    return total
+
+
+def adam8bit_bytes(numels: list[int]) -> int:
+    """bitsandbytes AdamW8bit's state for tensors of these sizes (its layout, not run here)."""
+    total = BNB_QMAPS
+    for n in numels:
+        total += 2 * n + 2 * 4 * -(-n // BNB_BLOCK) if n >= BNB_MIN_8BIT_SIZE else 2 * 4 * n
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+
+class SavedBytes:
+    """Unique storages autograd saves for backward, per level of (simulated) checkpointed blocks.
+
+    `pack` is a saved_tensors_hooks pack hook; `checkpoint` stands in for diffusers'
+    `_gradient_checkpointing_func`: it runs the block under its own level and keeps,
+    as non-reentrant torch.utils.checkpoint does, only the block's inputs (when the
+    block saved anything), remembering the block's own saved bytes for its recompute.
+    """
+
+    def __init__(self, exclude: set[int]):
+        self.exclude = exclude  # storages not to count: the weights
+        self.levels: list[dict[int, int]] = [{}]  # storage id -> bytes, outermost first
+        self.recompute = [0]  # per level: the largest recompute peak of its blocks
+
+    def _add(self, tensor: torch.Tensor, level: dict[int, int]) -> None:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in self.exclude:
+            level[storage._cdata] = storage.nbytes()
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._add(tensor, self.levels[-1])
+        return tensor
+
+    def checkpoint(self, module, *args):
+        self.levels.append({})
+        self.recompute.append(0)
+        try:
+            out = module(*args)
+        finally:
+            saved, inner = self.levels.pop(), self.recompute.pop()
+        if saved:
+            inputs: dict[int, int] = {}
+            for arg in args:
+                if torch.is_tensor(arg):
+                    self._add(arg, inputs)
+            self.levels[-1].update(inputs)
+            own = sum(size for key, size in saved.items() if key not in inputs)
+            self.recompute[-1] = max(self.recompute[-1], own + inner)
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.levels[0].values()) + self.recompute[0]
+
+
+class FusedAttention(torch.overrides.TorchFunctionMode):
+    """SDPA on meta tensors as the fused (flash) kernel GPUs and CPUs run, not the L x L math path."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention and args[0].device.type == "meta":
+            names = ("attn_mask", "dropout_p", "is_causal", "scale")
+            options = dict(zip(names, args[3:], strict=False)) | kwargs
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                *args[:3],
+                options.get("dropout_p", 0.0),
+                options.get("is_causal", False),
+                attn_mask=options.get("attn_mask"),
+                scale=options.get("scale"),
+            )[0]
+        return func(*args, **kwargs)
+
+
+def measure_activations(
+    model, batch_size: int, num_frames: int, height: int, width: int, dtype: torch.dtype, checkpointing: bool
+) -> int:
+    """Bytes autograd keeps for backward after one training forward of `model` (a ControlNeXtSVD).
+
+    Runs on the model's device (meta: shapes only) in `dtype`, with the inputs
+    `cnx.train.training_step` gives it; the model's dtype and checkpointing are set here.
+    """
+    device = next(model.parameters()).device
+    model.to(dtype)
+    unet = model.unet
+    latent_channels = unet.config.in_channels  # noisy latents + reference latents
+    embed_dim = unet.config.cross_attention_dim
+    num_ids = unet.config.projection_class_embeddings_input_dim // unet.config.addition_time_embed_dim
+    saved = SavedBytes({p.untyped_storage()._cdata for p in model.parameters()})
+    if checkpointing:
+        model.unet.enable_gradient_checkpointing(saved.checkpoint)
+        model.controlnext.enable_gradient_checkpointing(saved.checkpoint)
+    else:
+        model.disable_gradient_checkpointing()
+    with torch.device(device):
+        sample = torch.randn(batch_size, num_frames, latent_channels, height // 8, width // 8)  # (B, F, 8, h, w)
+        c_noise = torch.randn(batch_size)  # (B,) float32
+        embeddings = torch.randn(batch_size, 1, embed_dim)  # (B, 1, D)
+        time_ids = torch.randn(batch_size, num_ids)  # (B, 3)
+        pose_frames = torch.rand(batch_size, num_frames, 3, height, width)  # (B, F, 3, H, W), the batch's
+        control_scale = torch.full((batch_size,), 0.2)
+    saved.exclude.add(pose_frames.untyped_storage()._cdata)  # counted with the batch
+    with torch.enable_grad(), FusedAttention(), torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        model(
+            sample.to(dtype),
+            c_noise,
+            embeddings.to(dtype),
+            time_ids.to(dtype),
+            pose_frames=pose_frames.to(dtype),
+            control_scale=control_scale,
+        )
+    return saved.total
+
+
+@dataclass(frozen=True)
+class AffineFit:
+    """bytes = slope * x + intercept through two measurements (x: frames, or B*F*H*W pixels)."""
+
+    slope: float
+    intercept: float
+
+    @classmethod
+    def through(cls, x0: int, y0: int, x1: int, y1: int) -> AffineFit:
+        slope = (y1 - y0) / (x1 - x0)
+        return cls(slope, y0 - slope * x0)
+
+    def __call__(self, pixels: int) -> float:
+        return self.slope * pixels + self.intercept
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+def plan_memory(options: MemoryOptions) -> MemoryPlan:
+    """The plan for `options` (see the module docstring for what is exact, measured and modelled)."""
+    problems = options.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    o = options.resolved()
+    model, frozen = meta_models(o.profile, o.trainable, o.rank)
+    half = HALF.get(o.mixed_precision)
+    weight_dtype = half or torch.float32
+    deepspeed, gpus = o.zero_stage > 0, o.num_gpus
+    trainable = [p.numel() for p in model.parameters() if p.requires_grad]
+    num_all, num_trainable = sum(p.numel() for p in model.parameters()), sum(trainable)
+    module_size = weight_dtype.itemsize if deepspeed else 4  # DeepSpeed casts the module; autocast does not
+
+    def share(n: int) -> int:  # this GPU's part of n elements partitioned over the GPUs
+        return -(-n // gpus)
+
+    weights = num_all * module_size
+    if deepspeed and o.zero_stage == 3:
+        weights = share(num_all) * module_size
+    half_copies = num_all * half.itemsize if half is not None and not deepspeed else 0
+    cpu = 0
+    if not deepspeed:  # the module is the master: fp32 grads and moments, `step` counters on the CPU
+        master = 0
+        gradients = 4 * num_trainable * (2 if gpus > 1 else 1)  # DDP's buckets beside .grad
+        optimizer = adam8bit_bytes(trainable) if o.use_8bit_adam else 8 * num_trainable
+        cpu += 0 if o.use_8bit_adam else 4 * len(trainable)
+    else:
+        part = share(num_trainable)
+        master = 4 * part
+        gradients = module_size * (num_trainable if o.zero_stage == 1 else part)
+        if o.zero_stage >= 2:
+            gradients += module_size * min(DEEPSPEED_REDUCE_BUCKET, num_trainable)
+        fp32_grads = 4 * part if half is not None else 0  # the step's upcast gradient partition
+        optimizer = adam8bit_bytes([part]) if o.use_8bit_adam else 8 * part
+        if o.offload_optimizer:
+            cpu += master + fp32_grads + optimizer
+            master, optimizer = 0, 0
+        else:
+            gradients += fp32_grads
+    ema = num_trainable * module_size if o.use_ema else 0
+    frozen_bytes = state_bytes(frozen, weight_dtype)
+    batch_bytes = batch_input_bytes(o.per_gpu_batch_size, o.sample_n_frames, o.height, o.width)
+    activations = measure_activations(
+        model, o.per_gpu_batch_size, o.sample_n_frames, o.height, o.width, weight_dtype, o.gradient_checkpointing
+    )
+    plan = MemoryPlan(
+        options=o,
+        weights=weights,
+        half_copies=half_copies,
+        master_weights=master,
+        gradients=gradients,
+        optimizer=optimizer,
+        ema=ema,
+        frozen=frozen_bytes,
+        batch=batch_bytes,
+        activations=activations,
+        cpu_bytes=cpu,
+        trainable_parameters=num_trainable,
+    )
+    if o.gpu_memory_gb is None:
+        return plan
+    return dataclasses.replace(plan, max_frames=max_frames(plan, model, weight_dtype))
+
+
+def batch_input_bytes(batch_size: int, num_frames: int, height: int, width: int) -> int:
+    """The collated batch on the GPU, float32: pixel_values and pose_frames (B, F, 3, H, W),
+    hand_weights (B, F, 1, H, W) and reference_image (B, 3, H, W)."""
+    return 4 * batch_size * height * width * (7 * num_frames + 3)
+
+
+def max_frames(plan: MemoryPlan, model, dtype: torch.dtype) -> int:
+    """The most frames per clip whose plan fits the GPU memory less the reserve (0 when none does).
+
+    Only the batch and the activations grow with the frames, both affinely: a line
+    through two measurements predicts the answer, which is then checked (and walked
+    one frame at a time should the line be off).
+    """
+    o = plan.options
+    budget = (o.gpu_memory_gb - o.reserve_gb) * GiB
+    fixed = plan.total_bytes - plan.batch - plan.activations
+
+    @functools.cache
+    def total(frames: int) -> int:
+        if frames == o.sample_n_frames:
+            return plan.total_bytes
+        activations = measure_activations(
+            model, o.per_gpu_batch_size, frames, o.height, o.width, dtype, o.gradient_checkpointing
+        )
+        return fixed + activations + batch_input_bytes(o.per_gpu_batch_size, frames, o.height, o.width)
+
+    f0, f1 = o.sample_n_frames, 2 * o.sample_n_frames
+    line = AffineFit.through(f0, total(f0), f1, total(f1))
+    frames = max(1, math.floor((budget - line.intercept) / line.slope))
+    while frames > 1 and total(frames) > budget:
+        frames -= 1
+    if total(frames) > budget:
+        return 0
+    while total(frames + 1) <= budget:
+        frames += 1
+    return frames
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise ValueError(message.removeprefix("argument ").replace("\n", " "))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per MemoryOptions field, plus --no_gradient_checkpointing and --json."""
+    parser = _Parser(
+        prog="cnx plan-memory",
+        description="Bytes per GPU of a ControlNeXt-SVD training step, from the model configs alone.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    hints = typing.get_type_hints(MemoryOptions)
+    for f in dataclasses.fields(MemoryOptions):
+        help_ = f.metadata["help"]
+        if f.name == "gradient_checkpointing":
+            parser.add_argument("--no_gradient_checkpointing", action="store_true", help="keep all activations")
+        elif hints[f.name] is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", help=help_)
+        else:
+            base = next(a for a in (*typing.get_args(hints[f.name]), hints[f.name]) if a is not type(None))
+            default = 80.0 if f.name == "gpu_memory_gb" else f.default
+            parser.add_argument(f"--{f.name}", type=base, default=default, choices=f.metadata["choices"], help=help_)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = vars(build_parser().parse_args(argv))
+        as_json = args.pop("json")
+        args["gradient_checkpointing"] = not args.pop("no_gradient_checkpointing")
+        plan = plan_memory(MemoryOptions(**args))
+    except ValueError as err:
+        print(f"cnx plan-memory: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.as_dict()) if as_json else plan.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
