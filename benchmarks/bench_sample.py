@@ -43,40 +43,20 @@ def tiny_pipelines(folder: Path):
 
 
 def svd_xt_pipelines(device: str, dtype: torch.dtype):
-    """SVD-xt's five components and the published ControlNeXt config, random weights, built on `device`."""
-    from diffusers import (
-        AutoencoderKLTemporalDecoder,
-        EulerDiscreteScheduler,
-        StableVideoDiffusionPipeline,
-        UNetSpatioTemporalConditionModel,
-    )
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    """SVD-xt's five components and the published ControlNeXt, random weights, built on `device`."""
+    from diffusers import StableVideoDiffusionPipeline
+    from transformers import CLIPImageProcessor
 
-    from cnx.latents import CLIP_MEAN, CLIP_SIZE, CLIP_STD
+    from cnx.latents import CLIP_MEAN, CLIP_STD
     from cnx.pipeline import ControlNeXtSVDPipeline
-    from cnx.tiny import SVD_XT_SCHEDULER_CONFIG
+    from cnx.tiny import build_svd_xt_components
 
-    with torch.device(device):
-        unet = UNetSpatioTemporalConditionModel(num_frames=25).to(dtype)  # diffusers' defaults are SVD's
-        vae = AutoencoderKLTemporalDecoder().to(dtype)
-        image_encoder = CLIPVisionModelWithProjection(  # OpenCLIP ViT-H/14, as SVD-xt's image encoder
-            CLIPVisionConfig(
-                hidden_size=1280,
-                intermediate_size=5120,
-                num_hidden_layers=32,
-                num_attention_heads=16,
-                patch_size=14,
-                image_size=CLIP_SIZE,
-                projection_dim=1024,
-                hidden_act="gelu",
-            )
-        ).to(dtype)
-        controlnext = ControlNeXt().to(dtype)
+    unet, vae, image_encoder, scheduler, controlnext = build_svd_xt_components(device, dtype)
     parts = dict(
         vae=vae,
         image_encoder=image_encoder,
         unet=unet,
-        scheduler=EulerDiscreteScheduler(**SVD_XT_SCHEDULER_CONFIG),
+        scheduler=scheduler,
         feature_extractor=CLIPImageProcessor(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)),
     )
     return StableVideoDiffusionPipeline(**parts), ControlNeXtSVDPipeline(**parts, controlnext=controlnext)

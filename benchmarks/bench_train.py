@@ -16,11 +16,14 @@ checkpointing; the ratio columns divide by it.
   before each row with /proc/self/clear_refs after handing freed heap back with
   malloc_trim): weights, optimizer state and activations together, not torch's own count.
 - `--svd_xt` (GPU): SVD-xt's UNet, VAE and image encoder built from their configurations
-  with random weights (nothing downloaded; benchmarks/bench_sample.py's `svd_xt_pipelines`)
-  and the published ControlNeXt configuration, at 576x1024 with 14 and 21 frames; the
-  frozen models in bf16, the trained ones in float32 with their forward under bf16
-  autocast, as accelerate's `--mixed_precision=bf16` runs them. Peak memory is
-  `torch.cuda.max_memory_allocated`. A row that runs out of memory says so.
+  with random weights (nothing is downloaded) and the published ControlNeXt configuration,
+  at 576x1024 with 14 and 21 frames; the frozen models in bf16, the trained ones in
+  float32 with their forward under bf16 autocast, as accelerate's `--mixed_precision=bf16`
+  runs them. Peak memory is `torch.cuda.max_memory_allocated`. A row that runs out of
+  memory says so.
+
+Both: "step adds" is the peak above the memory held at the row's start (weights and
+optimizer state): a step's gradients, activations and temporaries.
 
 FLOPs: one training step (forward of the frozen encoders, forward and backward of the
 trained model) counted by `torch.utils.flop_counter.FlopCounterMode` without
@@ -39,7 +42,6 @@ import ctypes
 import gc
 import re
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -49,7 +51,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from cnx import train
-from cnx.options import parse_options
+from cnx.options import TRAINABLE, parse_options
 from cnx.profiles import DATA_SAMPLES, TINY, quiet_known_warnings
 
 # Dense bf16 tensor-core TFLOP/s by device name, the first match wins (vendor data sheets, no sparsity).
@@ -95,18 +97,21 @@ def tiny_models(folder: Path, options, device):
     return models
 
 
-def svd_xt_models(device, weight_dtype: torch.dtype):
+def svd_xt_models(device, weight_dtype: torch.dtype) -> train.Models:
     """SVD-xt's architecture with random weights: frozen parts in `weight_dtype`, trained ones in float32."""
+    from transformers import CLIPImageProcessor
+
     from cnx.controlnext import ControlNeXtSVD
+    from cnx.latents import CLIP_MEAN, CLIP_STD
+    from cnx.tiny import build_svd_xt_components
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_sample import svd_xt_pipelines
-
-    svd, pipe = svd_xt_pipelines(device, torch.float32)
-    for frozen in (svd.vae, svd.image_encoder):
+    unet, vae, image_encoder, _, controlnext = build_svd_xt_components(device)
+    for frozen in (vae, image_encoder):
         frozen.requires_grad_(False).eval().to(device, weight_dtype)
-    model = ControlNeXtSVD(svd.unet, pipe.controlnext)
-    return train.Models(svd.vae, svd.image_encoder, svd.feature_extractor, model, weight_dtype)
+    feature_extractor = CLIPImageProcessor(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    return train.Models(
+        vae, image_encoder, feature_extractor, ControlNeXtSVD(unet, controlnext), weight_dtype
+    )
 
 
 def random_batch(batch_size: int, num_frames: int, height: int, width: int) -> dict:
@@ -269,6 +274,8 @@ def time_steps(bench: Bench, batch: dict, checkpointing: bool, warmup: int, step
     except RuntimeError as err:
         if not out_of_memory(err):
             raise
+        times = None
+    if times is None:  # out of memory, released here, outside the handler that holds the tensors
         bench.optimizer.zero_grad(set_to_none=True)
         release_memory(bench.device)
         return None
@@ -307,6 +314,18 @@ def peak_tflops(device, given: float | None) -> float | None:
 # Main
 
 
+@dataclass(frozen=True)
+class Sizes:
+    frames: list[int]
+    height: int
+    width: int
+
+
+def replace_none(args, **defaults) -> Sizes:
+    """The sizes asked for on the command line, `defaults` where none was given."""
+    return Sizes(**{key: getattr(args, key) or value for key, value in defaults.items()})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--svd_xt", action="store_true", help="SVD-xt's architecture at 576x1024 (a GPU)")
@@ -314,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=1, help="clips per step")
-    parser.add_argument("--trainable", default="full", help="what trains: full, selective, lora, controlnext")
+    parser.add_argument(
+        "--trainable", default="full", choices=TRAINABLE, help="what trains (cnx train's flag)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each row")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
@@ -372,14 +393,14 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda"
         else "peak memory: the process's peak RSS (VmHWM), weights + optimizer state + activations"
     )
-    print(f"peak bf16: {f'{peak:.0f} TFLOP/s' if peak else 'unknown (give --peak_tflops for MFU)'}")
+    print(f"peak bf16: {f'{peak:g} TFLOP/s' if peak else 'unknown (give --peak_tflops for MFU)'}")
 
     for num_frames in sizes.frames:
         batch = random_batch(args.batch_size, num_frames, sizes.height, sizes.width)
         flops, exact = count_flops(bench, batch)
         if not bench.optimizer.state:  # every row starts with the optimizer state in place
-            with contextlib.suppress(RuntimeError):
-                bench.trainer_step(batch)
+            bench.net.enable_gradient_checkpointing()
+            bench.trainer_step(batch)
         mark = "" if exact else "~"
         print(
             f"\n{num_frames} frames: {mark}{flops / 1e12:.3g} TFLOP per step"
@@ -393,18 +414,6 @@ def main(argv: list[str] | None = None) -> int:
             print(format_row(name, result, base, flops / 1e12, mark, args.batch_size, peak))
     tmp.cleanup()
     return 0
-
-
-@dataclass(frozen=True)
-class Sizes:
-    frames: list[int]
-    height: int
-    width: int
-
-
-def replace_none(args, **defaults) -> Sizes:
-    """The sizes asked for on the command line, `defaults` where none was given."""
-    return Sizes(**{key: getattr(args, key) or value for key, value in defaults.items()})
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ COMMANDS = {
     "validate": ("cnx.validate", "generate a validation folder's video and score it (metrics.json)"),
     "launch": ("cnx.launch", "write a run folder from a profile (tiny, full) and run it"),
     "export": ("cnx.export", "write a training checkpoint's weights as diffusers folders (as final/)"),
+    "plan-memory": ("cnx.memory", "GPU memory per part of a training step, and the most frames that fit"),
     "doctor": ("cnx.doctor", "report Python, torch, devices, disk and every package against its pin"),
 }
 

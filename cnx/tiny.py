@@ -36,6 +36,54 @@ SVD_XT_SCHEDULER_CONFIG = {
 }
 
 
+# SVD-xt-1.1's VAE and image encoder (OpenCLIP ViT-H/14) configurations where they differ from the
+# libraries' defaults (diffusers' default UNet configuration is SVD-xt's already). Note that a bare
+# AutoencoderKLTemporalDecoder() has one block and no downsampling: latents at full pixel size.
+SVD_XT_VAE_CONFIG = {
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,  # three downsamples: latents at 1/8 of the pixels
+    "layers_per_block": 2,
+    "latent_channels": 4,
+}
+SVD_XT_IMAGE_ENCODER_CONFIG = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": CLIP_SIZE,
+    "projection_dim": 1024,
+    "hidden_act": "gelu",
+}
+
+
+def build_svd_xt_components(device="meta", dtype=None):
+    """SVD-xt's UNet, VAE and image encoder, its scheduler and the published ControlNeXt, random weights.
+
+    For benchmarks and the memory planner: the real architecture, nothing downloaded.
+    Built directly on `device` (the meta device by default: shapes only, no memory).
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        UNetSpatioTemporalConditionModel,
+    )
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from cnx.controlnext import ControlNeXt
+
+    with torch.device(device):
+        unet = UNetSpatioTemporalConditionModel(num_frames=25)
+        vae = AutoencoderKLTemporalDecoder(**SVD_XT_VAE_CONFIG)
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**SVD_XT_IMAGE_ENCODER_CONFIG))
+        controlnext = ControlNeXt()
+    if dtype is not None:
+        for module in (unet, vae, image_encoder, controlnext):
+            module.to(dtype)
+    return unet, vae, image_encoder, EulerDiscreteScheduler(**SVD_XT_SCHEDULER_CONFIG), controlnext
+
+
 def build_tiny_components(seed: int = 0, unet_width: int = 32, vae_width: int = 32, num_frames: int = 8):
     """The five SVD components with tiny, seeded random weights.
 
