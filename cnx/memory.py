@@ -17,22 +17,29 @@ Measured:
 - activations: the bytes autograd saves for backward (unique storages, weights
   excluded) in one training forward of UNet + ControlNeXt, counted with
   `saved_tensors_hooks` on the meta device, so SVD-xt at 21 x 576x1024 costs a
-  second and the count is the real model's, not a scaling guess. Attention is
-  counted as the fused kernel that SDPA runs on GPUs (and on CPUs): q, k, v,
-  output and logsumexp, never the L x L matrix. With gradient checkpointing the
-  count is what non-reentrant checkpointing keeps (the inputs of each
-  checkpointed block and what runs outside them) plus the largest block's own
-  saved tensors, recomputed in backward: an upper bound on the backward peak.
+  second and the count is the real model's, not a scaling guess (tests: the
+  tiny model counts the same on meta as with real tensors, and within 10% of
+  what glibc's malloc holds after a real forward). Attention is counted as the
+  fused kernel SDPA runs on GPUs (and CPUs): q, k, v, output and logsumexp,
+  never the L x L matrix. With gradient checkpointing the count is what
+  non-reentrant checkpointing keeps (the inputs of each checkpointed block and
+  what runs outside them) plus the largest block's own saved tensors, recomputed
+  in backward: an upper bound on the backward peak. diffusers checkpoints SVD's
+  resnets and spatial transformer blocks but not its temporal transformer
+  blocks, which therefore hold most of SVD-xt's checkpointed activations.
   Mixed precision is counted as the forward of a half-precision module, which is
-  what DeepSpeed runs; under plain autocast the norms' float32 outputs make the
-  real figure somewhat larger. Activations are affine in the frame count, so
-  `max_frames` fits a line through two measurements and checks the answer.
+  what DeepSpeed runs; under autocast the weights' half copies are a part of
+  their own (on CPU the tiny model's autocast forward saved within 1% of
+  activations + half_copies; CUDA's autocast keeps a few more ops in float32).
+  Activations are affine in B*F*H*W: `max_frames` fits a line through two
+  measurements and checks its answer.
 Modelled (not tested here: no DeepSpeed run on GPUs, no bitsandbytes):
 - DeepSpeed (zero_stage >= 1), as the ZeRO paper counts it: the module in the
   weight dtype (half under mixed precision; ZeRO-3 partitions it), a float32
   master copy and the AdamW moments of the trainable parameters partitioned over
-  the GPUs, half gradients (ZeRO-2/3 partitioned, plus one 5e8-element reduce
-  bucket, DeepSpeed's default) and the float32 gradient partition of the step;
+  the GPUs, half gradients (ZeRO-2/3 partitioned, plus two 5e8-element reduce
+  buckets: DeepSpeed's default size, doubled by the overlap_comm that
+  `cnx.launch` writes) and the float32 gradient partition of the step;
   `offload_optimizer` moves master, moments and fp32 gradients to the CPU.
   ZeRO-3's gathered layers (prefetch, live parameters) are not counted.
 - Plain DDP over several GPUs keeps its flat all-reduce buckets beside `.grad`
@@ -68,6 +75,7 @@ HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 MIXED_PRECISION = ("no", "fp16", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)  # 0: no DeepSpeed (accelerate's DDP)
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's default reduce_bucket_size
+DEEPSPEED_REDUCE_BUCKETS = 2  # cnx.launch's deepspeed.json sets overlap_comm: a double buffer
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' moments in float32
 BNB_BLOCK = 256  # bitsandbytes' blockwise quantisation: one float32 absmax per block
 BNB_QMAPS = 2 * 256 * 4  # its two shared 256-entry float32 quantisation maps
@@ -100,7 +108,7 @@ class MemoryOptions:
     width: int | None = _option(None, "pixels, a multiple of 8; default: the profile's")
     height: int | None = _option(None, "pixels, a multiple of 8; default: the profile's")
     rank: int = _option(128, "LoRA rank, with trainable=lora")
-    gpu_memory_gb: float | None = _option(None, "GPU memory in GiB (80 GB cards hold 80 GiB): find max_frames")
+    gpu_memory_gb: float | None = _option(None, "GPU memory in GiB (an 80 GB card holds 80): find max_frames")
     reserve_gb: float = _option(DEFAULT_RESERVE_GB, "GiB kept free for what the plan does not count")
 
     def resolved(self) -> MemoryOptions:
@@ -115,11 +123,11 @@ class MemoryOptions:
         )
 
     def problems(self) -> list[str]:
-        found = [
-            f"--{f.name} must be one of {', '.join(map(str, f.metadata['choices']))}, got {getattr(self, f.name)!r}"
-            for f in dataclasses.fields(self)
-            if f.metadata["choices"] and getattr(self, f.name) not in (*f.metadata["choices"], None)
-        ]
+        found = []
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata["choices"]
+            if choices and value not in (*choices, None):
+                found.append(f"--{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
         for name in ("num_gpus", "per_gpu_batch_size", "sample_n_frames", "rank"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 found.append(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -174,7 +182,9 @@ class MemoryPlan:
 
     def table(self) -> str:
         o = self.options
-        engine = f"DeepSpeed ZeRO-{o.zero_stage}" if o.zero_stage else "DDP" if o.num_gpus > 1 else "1 process"
+        engine = "DDP" if o.num_gpus > 1 else "1 process"
+        if o.zero_stage:
+            engine = f"DeepSpeed ZeRO-{o.zero_stage}"
         extras = [
             "gradient checkpointing" if o.gradient_checkpointing else "no gradient checkpointing",
             *(["optimizer offload"] if o.offload_optimizer else []),
@@ -183,13 +193,14 @@ class MemoryPlan:
         ]
         lines = [
             f"{o.profile} profile, trainable {o.trainable} ({self.trainable_parameters:,} parameters), "
-            f"{o.num_gpus} GPU(s), {engine}, mixed precision {o.mixed_precision}, {', '.join(extras)}",
+            f"{o.num_gpus} GPU{'s' if o.num_gpus > 1 else ''}, {engine}, "
+            f"mixed precision {o.mixed_precision}, {', '.join(extras)}",
             f"{o.per_gpu_batch_size} x {o.sample_n_frames} frames of {o.width}x{o.height} per GPU",
             "",
             f"{'part':<16}{'GiB per GPU':>12}",
-            *(f"{name:<16}{value / GiB:>12.2f}" for name, value in self.parts.items()),
-            f"{'total':<16}{self.total_bytes / GiB:>12.2f}",
-            f"{'(CPU)':<16}{self.cpu_bytes / GiB:>12.2f}",
+            *(f"{name:<16}{value / GiB:>12.3f}" for name, value in self.parts.items()),
+            f"{'total':<16}{self.total_bytes / GiB:>12.3f}",
+            f"{'CPU (host)':<16}{self.cpu_bytes / GiB:>12.3f}",
         ]
         if self.max_frames is not None:
             lines.append(
@@ -205,28 +216,9 @@ class MemoryPlan:
 
 def full_components_on_meta():
     """SVD-xt's UNet, VAE and CLIP ViT-H/14 image encoder and the published ControlNeXt, on meta."""
-    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from cnx.tiny import build_svd_xt_components
 
-    from cnx.controlnext import ControlNeXt
-    from cnx.latents import CLIP_SIZE
-
-    with torch.device("meta"):
-        unet = UNetSpatioTemporalConditionModel(num_frames=25)  # diffusers' defaults are SVD-xt's
-        vae = AutoencoderKLTemporalDecoder()
-        image_encoder = CLIPVisionModelWithProjection(
-            CLIPVisionConfig(
-                hidden_size=1280,
-                intermediate_size=5120,
-                num_hidden_layers=32,
-                num_attention_heads=16,
-                patch_size=14,
-                image_size=CLIP_SIZE,
-                projection_dim=1024,
-                hidden_act="gelu",
-            )
-        )
-        controlnext = ControlNeXt()
+    unet, vae, image_encoder, _, controlnext = build_svd_xt_components("meta")
     return unet, vae, image_encoder, controlnext
 
 
@@ -246,7 +238,8 @@ def meta_models(profile: str, trainable: str, rank: int):
     from cnx.controlnext import ControlNeXtSVD
     from cnx.train import select_trainable
 
-    unet, vae, image_encoder, controlnext = (full_components_on_meta if profile == "full" else tiny_components)()
+    build = full_components_on_meta if profile == "full" else tiny_components
+    unet, vae, image_encoder, controlnext = build()
     # .to("meta"): a few diffusers parameters are made with torch.Tensor([...]), which ignores the device.
     model = ControlNeXtSVD(unet, controlnext).to("meta")
     select_trainable(model, trainable, rank)
@@ -286,7 +279,7 @@ class SavedBytes:
     """
 
     def __init__(self, exclude: set[int]):
-        self.exclude = exclude  # storages not to count: the weights
+        self.exclude = exclude  # storages not to count: the weights, the batch
         self.levels: list[dict[int, int]] = [{}]  # storage id -> bytes, outermost first
         self.recompute = [0]  # per level: the largest recompute peak of its blocks
 
@@ -317,8 +310,14 @@ class SavedBytes:
         return out
 
     @property
+    def held(self) -> int:
+        """Bytes held from the end of the forward into the backward."""
+        return sum(self.levels[0].values())
+
+    @property
     def total(self) -> int:
-        return sum(self.levels[0].values()) + self.recompute[0]
+        """Held bytes plus the largest checkpointed block's, recomputed in backward."""
+        return self.held + self.recompute[0]
 
 
 class FusedAttention(torch.overrides.TorchFunctionMode):
@@ -339,20 +338,20 @@ class FusedAttention(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def measure_activations(
-    model, batch_size: int, num_frames: int, height: int, width: int, dtype: torch.dtype, checkpointing: bool
-) -> int:
-    """Bytes autograd keeps for backward after one training forward of `model` (a ControlNeXtSVD).
+def measure_saved(
+    model, clip: tuple[int, int, int, int], dtype: torch.dtype, checkpointing: bool
+) -> SavedBytes:
+    """What autograd keeps for backward after one training forward of `model` (a ControlNeXtSVD).
 
-    Runs on the model's device (meta: shapes only) in `dtype`, with the inputs
-    `cnx.train.training_step` gives it; the model's dtype and checkpointing are set here.
+    clip: (B, F, H, W). Runs on the model's device (meta: shapes only) in `dtype`,
+    with the inputs `cnx.train.training_step` gives it; sets the model's dtype and
+    checkpointing (with `SavedBytes.checkpoint` standing in for torch's).
     """
+    batch_size, num_frames, height, width = clip
     device = next(model.parameters()).device
+    config = model.unet.config
+    num_ids = config.projection_class_embeddings_input_dim // config.addition_time_embed_dim
     model.to(dtype)
-    unet = model.unet
-    latent_channels = unet.config.in_channels  # noisy latents + reference latents
-    embed_dim = unet.config.cross_attention_dim
-    num_ids = unet.config.projection_class_embeddings_input_dim // unet.config.addition_time_embed_dim
     saved = SavedBytes({p.untyped_storage()._cdata for p in model.parameters()})
     if checkpointing:
         model.unet.enable_gradient_checkpointing(saved.checkpoint)
@@ -360,43 +359,89 @@ def measure_activations(
     else:
         model.disable_gradient_checkpointing()
     with torch.device(device):
-        sample = torch.randn(batch_size, num_frames, latent_channels, height // 8, width // 8)  # (B, F, 8, h, w)
+        latent_shape = (batch_size, num_frames, config.in_channels, height // 8, width // 8)
+        sample = torch.randn(latent_shape).to(dtype)  # (B, F, 8, h, w): noisy + reference latents
         c_noise = torch.randn(batch_size)  # (B,) float32
-        embeddings = torch.randn(batch_size, 1, embed_dim)  # (B, 1, D)
-        time_ids = torch.randn(batch_size, num_ids)  # (B, 3)
-        pose_frames = torch.rand(batch_size, num_frames, 3, height, width)  # (B, F, 3, H, W), the batch's
-        control_scale = torch.full((batch_size,), 0.2)
-    saved.exclude.add(pose_frames.untyped_storage()._cdata)  # counted with the batch
-    with torch.enable_grad(), FusedAttention(), torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-        model(
-            sample.to(dtype),
-            c_noise,
-            embeddings.to(dtype),
-            time_ids.to(dtype),
-            pose_frames=pose_frames.to(dtype),
-            control_scale=control_scale,
-        )
-    return saved.total
+        embeddings = torch.randn(batch_size, 1, config.cross_attention_dim).to(dtype)  # (B, 1, D)
+        time_ids = torch.randn(batch_size, num_ids).to(dtype)  # (B, 3)
+        pose_frames = torch.rand(batch_size, num_frames, 3, height, width)  # (B, F, 3, H, W)
+        control_scale = torch.full((batch_size,), 0.2)  # (B,)
+    saved.exclude.add(pose_frames.untyped_storage()._cdata)  # the batch's own tensor: counted there
+    hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda tensor: tensor)
+    with torch.enable_grad(), FusedAttention(), hooks:
+        pose = pose_frames.to(dtype)
+        model(sample, c_noise, embeddings, time_ids, pose_frames=pose, control_scale=control_scale)
+    return saved
+
+
+def measure_activations(
+    model, clip: tuple[int, int, int, int], dtype: torch.dtype, checkpointing: bool
+) -> int:
+    """Activation bytes of one training step at clip (B, F, H, W): held plus the largest recompute."""
+    return measure_saved(model, clip, dtype, checkpointing).total
 
 
 @dataclass(frozen=True)
 class AffineFit:
-    """bytes = slope * x + intercept through two measurements (x: frames, or B*F*H*W pixels)."""
+    """y = slope * x + intercept through two points (activations are affine in B*F*H*W, and in F)."""
 
     slope: float
     intercept: float
 
     @classmethod
-    def through(cls, x0: int, y0: int, x1: int, y1: int) -> AffineFit:
+    def through(cls, x0: float, y0: float, x1: float, y1: float) -> AffineFit:
         slope = (y1 - y0) / (x1 - x0)
         return cls(slope, y0 - slope * x0)
 
-    def __call__(self, pixels: int) -> float:
-        return self.slope * pixels + self.intercept
+    def __call__(self, x: float) -> float:
+        return self.slope * x + self.intercept
 
 
 # ---------------------------------------------------------------------------------------------
 # The plan
+
+
+def batch_bytes(clip: tuple[int, int, int, int]) -> int:
+    """The collated batch on the GPU in float32: pixel_values and pose_frames (B, F, 3, H, W),
+    hand_weights (B, F, 1, H, W), reference_image (B, 3, H, W)."""
+    batch_size, num_frames, height, width = clip
+    return 4 * batch_size * height * width * (7 * num_frames + 3)
+
+
+def state_parts(o: MemoryOptions, model) -> dict[str, int]:
+    """Bytes per GPU of what does not depend on the clip, and `cpu_bytes`, for resolved options."""
+    half = HALF.get(o.mixed_precision)
+    deepspeed = o.zero_stage > 0
+    # DeepSpeed casts the module to the half dtype; accelerate's autocast keeps it float32.
+    module_size = half.itemsize if deepspeed and half is not None else 4
+    trainable = [p.numel() for p in model.parameters() if p.requires_grad]
+    num_all, num_trainable = sum(p.numel() for p in model.parameters()), sum(trainable)
+    part = -(-num_trainable // o.num_gpus)  # this GPU's share of a partitioned trainable tensor
+    parts = dict(
+        weights=module_size * (-(-num_all // o.num_gpus) if o.zero_stage == 3 else num_all),
+        half_copies=half.itemsize * num_all if half is not None and not deepspeed else 0,
+        ema=module_size * num_trainable if o.use_ema else 0,
+        cpu_bytes=0,
+    )
+    if not deepspeed:  # the module is the master copy; AdamW's `step` counters sit on the CPU
+        ddp_buckets = 4 * num_trainable if o.num_gpus > 1 else 0
+        parts.update(
+            master_weights=0,
+            gradients=4 * num_trainable + ddp_buckets,
+            optimizer=adam8bit_bytes(trainable) if o.use_8bit_adam else 8 * num_trainable,
+            cpu_bytes=0 if o.use_8bit_adam else 4 * len(trainable),
+        )
+        return parts
+    grads = module_size * (num_trainable if o.zero_stage == 1 else part)
+    if o.zero_stage >= 2:
+        grads += DEEPSPEED_REDUCE_BUCKETS * module_size * min(DEEPSPEED_REDUCE_BUCKET, num_trainable)
+    fp32_grads = 4 * part if half is not None else 0  # the step's upcast gradient partition
+    master, optimizer = 4 * part, adam8bit_bytes([part]) if o.use_8bit_adam else 8 * part
+    if o.offload_optimizer:
+        return parts | dict(
+            master_weights=0, gradients=grads, optimizer=0, cpu_bytes=master + fp32_grads + optimizer
+        )
+    return parts | dict(master_weights=master, gradients=grads + fp32_grads, optimizer=optimizer)
 
 
 def plan_memory(options: MemoryOptions) -> MemoryPlan:
@@ -406,68 +451,19 @@ def plan_memory(options: MemoryOptions) -> MemoryPlan:
         raise ValueError("; ".join(problems))
     o = options.resolved()
     model, frozen = meta_models(o.profile, o.trainable, o.rank)
-    half = HALF.get(o.mixed_precision)
-    weight_dtype = half or torch.float32
-    deepspeed, gpus = o.zero_stage > 0, o.num_gpus
-    trainable = [p.numel() for p in model.parameters() if p.requires_grad]
-    num_all, num_trainable = sum(p.numel() for p in model.parameters()), sum(trainable)
-    module_size = weight_dtype.itemsize if deepspeed else 4  # DeepSpeed casts the module; autocast does not
-
-    def share(n: int) -> int:  # this GPU's part of n elements partitioned over the GPUs
-        return -(-n // gpus)
-
-    weights = num_all * module_size
-    if deepspeed and o.zero_stage == 3:
-        weights = share(num_all) * module_size
-    half_copies = num_all * half.itemsize if half is not None and not deepspeed else 0
-    cpu = 0
-    if not deepspeed:  # the module is the master: fp32 grads and moments, `step` counters on the CPU
-        master = 0
-        gradients = 4 * num_trainable * (2 if gpus > 1 else 1)  # DDP's buckets beside .grad
-        optimizer = adam8bit_bytes(trainable) if o.use_8bit_adam else 8 * num_trainable
-        cpu += 0 if o.use_8bit_adam else 4 * len(trainable)
-    else:
-        part = share(num_trainable)
-        master = 4 * part
-        gradients = module_size * (num_trainable if o.zero_stage == 1 else part)
-        if o.zero_stage >= 2:
-            gradients += module_size * min(DEEPSPEED_REDUCE_BUCKET, num_trainable)
-        fp32_grads = 4 * part if half is not None else 0  # the step's upcast gradient partition
-        optimizer = adam8bit_bytes([part]) if o.use_8bit_adam else 8 * part
-        if o.offload_optimizer:
-            cpu += master + fp32_grads + optimizer
-            master, optimizer = 0, 0
-        else:
-            gradients += fp32_grads
-    ema = num_trainable * module_size if o.use_ema else 0
-    frozen_bytes = state_bytes(frozen, weight_dtype)
-    batch_bytes = batch_input_bytes(o.per_gpu_batch_size, o.sample_n_frames, o.height, o.width)
-    activations = measure_activations(
-        model, o.per_gpu_batch_size, o.sample_n_frames, o.height, o.width, weight_dtype, o.gradient_checkpointing
-    )
+    dtype = HALF.get(o.mixed_precision, torch.float32)
+    clip = (o.per_gpu_batch_size, o.sample_n_frames, o.height, o.width)
     plan = MemoryPlan(
         options=o,
-        weights=weights,
-        half_copies=half_copies,
-        master_weights=master,
-        gradients=gradients,
-        optimizer=optimizer,
-        ema=ema,
-        frozen=frozen_bytes,
-        batch=batch_bytes,
-        activations=activations,
-        cpu_bytes=cpu,
-        trainable_parameters=num_trainable,
+        **state_parts(o, model),
+        frozen=state_bytes(frozen, dtype),
+        batch=batch_bytes(clip),
+        activations=measure_activations(model, clip, dtype, o.gradient_checkpointing),
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     if o.gpu_memory_gb is None:
         return plan
-    return dataclasses.replace(plan, max_frames=max_frames(plan, model, weight_dtype))
-
-
-def batch_input_bytes(batch_size: int, num_frames: int, height: int, width: int) -> int:
-    """The collated batch on the GPU, float32: pixel_values and pose_frames (B, F, 3, H, W),
-    hand_weights (B, F, 1, H, W) and reference_image (B, 3, H, W)."""
-    return 4 * batch_size * height * width * (7 * num_frames + 3)
+    return dataclasses.replace(plan, max_frames=max_frames(plan, model, dtype))
 
 
 def max_frames(plan: MemoryPlan, model, dtype: torch.dtype) -> int:
@@ -485,10 +481,8 @@ def max_frames(plan: MemoryPlan, model, dtype: torch.dtype) -> int:
     def total(frames: int) -> int:
         if frames == o.sample_n_frames:
             return plan.total_bytes
-        activations = measure_activations(
-            model, o.per_gpu_batch_size, frames, o.height, o.width, dtype, o.gradient_checkpointing
-        )
-        return fixed + activations + batch_input_bytes(o.per_gpu_batch_size, frames, o.height, o.width)
+        clip = (o.per_gpu_batch_size, frames, o.height, o.width)
+        return fixed + batch_bytes(clip) + measure_activations(model, clip, dtype, o.gradient_checkpointing)
 
     f0, f1 = o.sample_n_frames, 2 * o.sample_n_frames
     line = AffineFit.through(f0, total(f0), f1, total(f1))
@@ -523,13 +517,14 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(MemoryOptions):
         help_ = f.metadata["help"]
         if f.name == "gradient_checkpointing":
-            parser.add_argument("--no_gradient_checkpointing", action="store_true", help="keep all activations")
+            parser.add_argument("--no_gradient_checkpointing", action="store_true", help="keep activations")
         elif hints[f.name] is bool:
             parser.add_argument(f"--{f.name}", action="store_true", help=help_)
         else:
             base = next(a for a in (*typing.get_args(hints[f.name]), hints[f.name]) if a is not type(None))
             default = 80.0 if f.name == "gpu_memory_gb" else f.default
-            parser.add_argument(f"--{f.name}", type=base, default=default, choices=f.metadata["choices"], help=help_)
+            choices = f.metadata["choices"]
+            parser.add_argument(f"--{f.name}", type=base, default=default, choices=choices, help=help_)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser
 

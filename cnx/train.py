@@ -578,15 +578,17 @@ def train(options) -> Path:
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = learning_rate
     lr_scheduler = build_lr_scheduler(optimizer, options, total_steps)
-    model, optimizer = accelerator.prepare(models.model, optimizer)
-    models.model = model
     ema = None
-    if options.use_ema:  # of every trainable weight, kept in float32 (pitfall 6)
+    if (
+        options.use_ema
+    ):  # of every trainable weight, in float32: made before DeepSpeed casts to bf16 (pitfall 6)
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel([p for p in trainable], use_ema_warmup=True)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    model, optimizer = accelerator.prepare(models.model, optimizer)
+    models.model = model
     accelerator.register_for_checkpointing(lr_scheduler)
 
     # Resume: weights, optimizer, schedule, EMA, RNG, step and data position (pitfall 4).

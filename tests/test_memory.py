@@ -1,0 +1,195 @@
+"""cnx.memory: the plan's weights, gradients and optimizer states equal a real step's tensors; its
+activations are measured (meta == real tensors == the allocator), and the CLI prints them."""
+
+import ctypes
+import gc
+import json
+import math
+
+import pytest
+import torch
+
+from cnx import memory
+from cnx.controlnext import ControlNeXt, ControlNeXtSVD, controlnext_config_for
+from cnx.memory import MemoryOptions, plan_memory
+from cnx.tiny import build_tiny_components
+from cnx.train import parameter_groups, select_trainable
+
+CLIP = (1, 2, 64, 64)  # (B, F, H, W): small, the step's only job is to make every state tensor
+TINY = dict(profile="tiny", mixed_precision="no", sample_n_frames=CLIP[1], height=CLIP[2], width=CLIP[3])
+
+
+def tiny_model(trainable: str = "full", rank: int = 4):
+    """The stand-in UNet + ControlNeXt as the trainer builds them, with `trainable` selected."""
+    unet, vae, image_encoder, _ = build_tiny_components(unet_width=32)
+    model = ControlNeXtSVD(unet, ControlNeXt(**controlnext_config_for(32)))
+    select_trainable(model, trainable, rank)
+    return model, [vae, image_encoder]
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("trainable", ["full", "controlnext", "lora"])
+def test_weights_gradients_and_optimizer_states_equal_a_real_steps_tensors(trainable):
+    torch.manual_seed(0)
+    model, frozen = tiny_model(trainable)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 1e-2), lr=1e-4)
+    batch_size, frames, height, width = CLIP
+    out = model(
+        torch.randn(batch_size, frames, 8, height // 8, width // 8),
+        torch.randn(batch_size),
+        torch.randn(batch_size, 1, 32),
+        torch.randn(batch_size, 3),
+        pose_frames=torch.rand(batch_size, frames, 3, height, width),
+    ).sample
+    out.square().mean().backward()
+    optimizer.step()
+    states = [state for p in model.parameters() for state in [optimizer.state[p]] if state]
+    plan = plan_memory(MemoryOptions(trainable=trainable, rank=4, **TINY))
+
+    assert plan.weights == nbytes([*model.parameters(), *model.buffers()])
+    assert plan.gradients == nbytes(p.grad for p in model.parameters() if p.grad is not None)
+    assert plan.optimizer == nbytes(t for s in states for key, t in s.items() if key != "step")
+    assert plan.cpu_bytes == nbytes(s["step"] for s in states)  # AdamW's counters stay on the CPU
+    assert plan.frozen == nbytes(t for m in frozen for t in [*m.parameters(), *m.buffers()])
+    assert plan.trainable_parameters == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert plan.master_weights == plan.half_copies == plan.ema == 0
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activations_counted_on_meta_equal_those_of_real_tensors(checkpointing):
+    model, _ = tiny_model("full")
+    meta_model, _ = memory.meta_models("tiny", "full", 128)
+    real = memory.measure_saved(model, (1, 4, 64, 96), torch.float32, checkpointing)
+    meta = memory.measure_saved(meta_model, (1, 4, 64, 96), torch.float32, checkpointing)
+    assert (meta.held, meta.total) == (real.held, real.total) and real.held > 0
+    assert (real.total > real.held) == checkpointing  # the largest block's recompute
+
+
+def _malloc_in_use():
+    """Bytes glibc's malloc has handed out (all arenas and mmapped blocks), or None off glibc."""
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in "a o s h hblkhd u f uordblks f2 k".split()]
+
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = Mallinfo2
+    return lambda: function().uordblks + function().hblkhd
+
+
+@pytest.mark.parametrize("trainable", ["full", "controlnext"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_held_activations_are_what_the_allocator_holds_after_a_real_forward(trainable, checkpointing):
+    """Real tensors, diffusers' own torch.utils.checkpoint: the counting stands in for it faithfully."""
+    in_use = _malloc_in_use()
+    if in_use is None:
+        pytest.skip("needs glibc's mallinfo2")
+    torch.manual_seed(0)
+    model, _ = tiny_model(trainable)
+    (model.enable_gradient_checkpointing if checkpointing else model.disable_gradient_checkpointing)()
+    batch_size, frames, height, width = clip = (1, 8, 128, 96)
+    inputs = (
+        torch.randn(batch_size, frames, 8, height // 8, width // 8),
+        torch.randn(batch_size),
+        torch.randn(batch_size, 1, 32),
+        torch.randn(batch_size, 3),
+    )
+    pose_frames = torch.rand(batch_size, frames, 3, height, width)
+    gc.collect()
+    before = in_use()
+    out = model(*inputs, pose_frames=pose_frames).sample
+    gc.collect()
+    held = in_use() - before - out.untyped_storage().nbytes()
+    del out
+    counted = memory.measure_saved(model, clip, torch.float32, checkpointing).held
+    assert counted > 20e6 and held == pytest.approx(counted, rel=0.1)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_an_activation_line_through_two_measured_sizes_predicts_a_third(checkpointing):
+    model, _ = memory.meta_models("tiny", "full", 128)  # counts as real tensors do (test above)
+    sizes = [(1, 4, 64, 64), (2, 8, 96, 64), (1, 6, 128, 96)]  # (B, F, H, W); the third is predicted
+    measured = [memory.measure_activations(model, s, torch.float32, checkpointing) for s in sizes]
+    pixels = [math.prod(s) for s in sizes]
+    line = memory.AffineFit.through(pixels[0], measured[0], pixels[1], measured[1])
+    assert line(pixels[2]) == pytest.approx(measured[2], rel=0.15)
+
+
+def test_max_frames_is_the_last_frame_count_that_fits():
+    options = MemoryOptions(**TINY, gpu_memory_gb=0.1, reserve_gb=0.02)
+    plan = plan_memory(options)
+    budget = (0.1 - 0.02) * 2**30
+    assert plan.max_frames > 1
+    fits = plan_memory(MemoryOptions(**{**TINY, "sample_n_frames": plan.max_frames}))
+    too_many = plan_memory(MemoryOptions(**{**TINY, "sample_n_frames": plan.max_frames + 1}))
+    assert fits.total_bytes <= budget < too_many.total_bytes
+    assert plan_memory(MemoryOptions(**TINY, gpu_memory_gb=0.01, reserve_gb=0)).max_frames == 0
+
+
+def test_zero_partitions_gradients_and_optimizer_states_and_offload_moves_them_to_the_cpu():
+    one = plan_memory(MemoryOptions(**{**TINY, "mixed_precision": "bf16"}, zero_stage=2))
+    eight = plan_memory(MemoryOptions(**{**TINY, "mixed_precision": "bf16"}, zero_stage=2, num_gpus=8))
+    offload = plan_memory(
+        MemoryOptions(**{**TINY, "mixed_precision": "bf16"}, zero_stage=2, num_gpus=8, offload_optimizer=True)
+    )
+    n = one.trainable_parameters
+    assert one.weights == eight.weights == 2 * n  # the bf16 module (all of it trains here)
+    assert (one.optimizer, eight.optimizer) == (8 * n, 8 * -(-n // 8))
+    assert (one.master_weights, eight.master_weights) == (4 * n, 4 * -(-n // 8))
+    assert eight.gradients < one.gradients
+    assert offload.optimizer == offload.master_weights == 0
+    assert offload.cpu_bytes == eight.optimizer + eight.master_weights + 4 * -(-n // 8)
+    ddp = plan_memory(MemoryOptions(**TINY, num_gpus=8))
+    assert ddp.gradients == 2 * plan_memory(MemoryOptions(**TINY)).gradients  # DDP's buckets
+
+
+def test_the_reduce_buckets_follow_the_deepspeed_config_cnx_launch_writes():
+    from cnx.launch import deepspeed_config
+    from cnx.options import TrainingOptions
+
+    zero = deepspeed_config(TrainingOptions(), 2, False)["zero_optimization"]
+    assert "reduce_bucket_size" not in zero  # DeepSpeed's default, as memory.DEEPSPEED_REDUCE_BUCKET
+    assert memory.DEEPSPEED_REDUCE_BUCKETS == (2 if zero.get("overlap_comm") else 1)
+
+
+def test_8bit_adam_keeps_a_byte_per_moment_for_large_tensors():
+    assert memory.adam8bit_bytes([10, 5000]) == memory.BNB_QMAPS + 8 * 10 + 2 * 5000 + 8 * 20
+
+
+def test_cli_plans_the_full_profile_on_8_gpus_as_json(capsys):
+    argv = ["--profile", "full", "--num_gpus", "8", "--zero_stage", "2", "--json"]
+    assert memory.main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["total_bytes"] == sum(plan[name] for name in memory.PARTS)
+    assert plan["trainable_parameters"] == 1_524_623_082 + 3_526_400  # SVD-xt's UNet + ControlNeXt
+    assert plan["weights"] == 2 * plan["trainable_parameters"]  # DeepSpeed's bf16 module
+    assert plan["activations"] > 10 * 2**30 and plan["max_frames"] >= 1
+
+
+def test_cli_prints_the_table(capsys):
+    from cnx.cli import main
+
+    assert main(["plan-memory", "--profile", "tiny", "--no_gradient_checkpointing"]) == 0
+    out = capsys.readouterr().out
+    assert "activations" in out and "total" in out and "largest frame count that fits 80 GiB" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--zero_stage", "5"],
+        ["--offload_optimizer"],
+        ["--width", "100"],
+        ["--no_such_flag"],
+        ["--num_gpus", "0"],
+    ],
+)
+def test_bad_flags_fail_in_one_line(argv, capsys):
+    assert memory.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cnx plan-memory: ") and err.count("\n") == 1
