@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -348,6 +349,16 @@ def loop_batches(
 # Models
 
 
+@contextmanager
+def _loading(source: str, error: type[Exception]):
+    """An OSError while loading the pipeline's parts becomes one line naming the source."""
+    try:
+        yield
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise error(f"{source}: cannot load the SVD pipeline's parts: {first}") from err
+
+
 def build_models(options, device, weight_dtype: torch.dtype):
     """(Models, unwrapped; the pipeline's scheduler) from the options' folders and weights."""
     from diffusers import (
@@ -358,12 +369,13 @@ def build_models(options, device, weight_dtype: torch.dtype):
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     from cnx.controlnext import ControlNeXt, ControlNeXtSVD, controlnext_config_for
+    from cnx.generate import InputError
     from cnx.seeding import derive_seed
     from cnx.tiny import quiet_progress_bars
     from cnx.weights import load_controlnext_state, load_unet_state
 
     source, revision = options.pretrained_model_name_or_path, options.revision
-    with quiet_progress_bars():
+    with quiet_progress_bars(), _loading(source, InputError):
         vae = AutoencoderKLTemporalDecoder.from_pretrained(source, subfolder="vae", revision=revision)
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(
             source, subfolder="image_encoder", revision=revision
@@ -562,6 +574,13 @@ def train(options) -> Path:
     per_epoch = batches_per_epoch(len(dataset), world, options.per_gpu_batch_size)
     steps_per_epoch = max(1, per_epoch // options.gradient_accumulation_steps)
     total_steps = options.max_train_steps or options.num_train_epochs * steps_per_epoch
+
+    if options.validation_image_folder:  # a broken validation folder fails now, not at the first validation
+        from cnx.validate import read_validation_set
+
+        read_validation_set(
+            options.validation_image_folder, options.validation_control_folder, options.validation_image
+        )
 
     # Models, what trains, optimizer and schedule.
     models, scheduler = build_models(options, accelerator.device, weight_dtype)
@@ -803,11 +822,17 @@ def merged_unet(unet):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cnx.checks import DataCheckError
+    from cnx.generate import InputError
     from cnx.options import parse_options
+    from cnx.weights import WeightLoadError
 
     options = parse_options(argv)
     try:
         train(options)
+    except (DataCheckError, InputError, WeightLoadError) as err:  # bad input, found before training
+        print(f"cnx train: {err}", file=sys.stderr)
+        return 2
     except FloatingPointError as err:
         print(f"cnx train: {err}", file=sys.stderr)
         return 1

@@ -316,3 +316,32 @@ def test_a_resumed_run_drops_log_lines_past_its_checkpoint_and_a_line_cut_by_a_c
     log.write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 2}\n{"step": 3, "loss": 3}\n{"step": 4, "lo')
     train.truncate_log(log, 2)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--meta_info_path=/nonexistent/meta_info.json"],
+            "/nonexistent/meta_info.json: meta_info json does not exist",
+        ),
+        (
+            ["--pretrained_model_name_or_path=/nonexistent/svd"],
+            "/nonexistent/svd: cannot load the SVD pipeline's parts",
+        ),
+        (
+            [
+                f"--validation_image_folder={DATA_SAMPLES}",
+                f"--validation_image={DATA_SAMPLES / 'validation' / 'reference_image.png'}",
+                f"--validation_control_folder={DATA_SAMPLES / 'validation' / 'pose'}",
+            ],
+            "ground-truth images but",
+        ),
+    ],
+)
+def test_bad_input_stops_the_run_in_clear_lines_before_training(tiny_svd_dir, tmp_path, flags, message):
+    result = run(tiny_svd_dir, tmp_path, "--max_train_steps=1", *flags)
+    assert result.returncode == 2 and "cnx train: " in result.stderr and message in result.stderr, (
+        result.stderr[-800:]
+    )
+    assert "Traceback" not in result.stderr and not (tmp_path / "checkpoint-1").exists()
