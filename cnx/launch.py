@@ -160,10 +160,11 @@ SLURM = """#!/usr/bin/env bash
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node={gpus}
 #SBATCH --output=slurm-%j.out
-# One task per node; each runs launch.sh with its node rank, the first node is the main process.
+# Submit from this folder (cd into it, then `sbatch slurm.sbatch`): one task per node, each runs
+# launch.sh with its node rank; the first node is the main process.
 set -euo pipefail
 export MAIN_PROCESS_IP="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
-srun bash -c 'MACHINE_RANK=$SLURM_NODEID bash {folder}/launch.sh'
+srun bash -c 'MACHINE_RANK=$SLURM_NODEID bash "$SLURM_SUBMIT_DIR/launch.sh"'
 """
 
 
@@ -235,7 +236,7 @@ def write_run_folder(
     (folder / "doctor.txt").write_text(report() + "\n")
     (folder / "README.md").write_text(
         f"# {folder.name}\n\n"
-        "Run `bash launch.sh` here (or `sbatch slurm.sbatch` on a SLURM cluster); "
+        "Run `bash launch.sh` here (on a SLURM cluster: `sbatch slurm.sbatch` from this folder); "
         f"training writes into `{OUTPUT}/`.\n"
         "`training_options.json` holds every flag; `accelerate.yaml` (and `deepspeed.json`) the processes.\n"
     )
