@@ -267,13 +267,18 @@ def denoising_loss(
     return error.reshape(error.shape[0], -1).mean(dim=1)
 
 
-def check_finite_loss(loss: torch.Tensor, step: int, sigma: torch.Tensor | None = None) -> None:
-    """Raise FloatingPointError naming the step (and the offending samples' sigmas) on NaN or inf."""
+def check_finite_loss(
+    loss: torch.Tensor, step: int, sigma: torch.Tensor | None = None, what: str = "loss"
+) -> None:
+    """Raise FloatingPointError naming the step (and the offending samples' sigmas) on NaN or inf.
+
+    `what` names the value in the message (the trainer checks the gradient norm the same way).
+    """
     finite = torch.isfinite(loss)
     if bool(finite.all()):
         return
     bad = (~finite).reshape(-1).nonzero().reshape(-1).tolist()
-    message = f"non-finite loss at step {step}: values {loss.detach().reshape(-1).tolist()}"
+    message = f"non-finite {what} at step {step}: values {loss.detach().reshape(-1).tolist()}"
     if loss.ndim > 0:
         message += f", samples {bad}"
         if sigma is not None:

@@ -314,14 +314,15 @@ def samples_of(batch: dict) -> str:
 
 
 def finite_or_stop(value: torch.Tensor, what: str, step: int, sigma: torch.Tensor, batch: dict) -> None:
-    """Stop the run (FloatingPointError) on a non-finite loss or gradient norm, before anything is saved."""
-    if bool(torch.isfinite(value).all()):
-        return
-    raise FloatingPointError(
-        f"non-finite {what} at step {step} (sigma {[round(float(s), 4) for s in sigma]}; "
-        f"samples {samples_of(batch)}); the run stopped without saving, its earlier checkpoints are intact. "
-        "Lower --learning_rate or check the data."
-    )
+    """`edm.check_finite_loss`, plus the batch's samples and what to do: stops before anything is saved."""
+    try:
+        edm.check_finite_loss(value, step, sigma, what)
+    except FloatingPointError as err:
+        raise FloatingPointError(
+            f"{err}; the batch's sigma {[round(float(x), 4) for x in sigma]}, samples {samples_of(batch)}. "
+            "The run stopped without saving; its earlier checkpoints "
+            "are intact. Lower --learning_rate or check the data."
+        ) from None
 
 
 def loop_batches(
