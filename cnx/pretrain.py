@@ -1,0 +1,404 @@
+"""`cnx pretrain-tiny OUT_DIR`: train the tiny stand-in SVD on synthetic dancers, on a CPU.
+
+The random-weight stand-in (`cnx.tiny`) exercises every code path but has
+nothing to fine-tune: its VAE cannot reconstruct a frame and its UNet knows no
+video. This module trains one that plays the part of the pretrained SVD that
+ControlNeXt training starts from, with the same component classes and configs
+as `cnx.tiny.write_tiny_svd`, in two stages on fresh synthetic clips
+(`cnx.synth`: a new random dancer for every clip of every step):
+
+1. the VAE (`AutoencoderKLTemporalDecoder`): reconstruction, MSE + L1 on pixels
+   plus a small KL term, the temporal decoder decoding clips of `vae_frames`
+   frames; scored by PSNR on held-out dancers (`cnx.metrics.psnr`);
+2. the UNet as an image-to-video model without pose: SVD's objective exactly as
+   `cnx.train.training_step` computes it (first frame -> reference latent and
+   CLIP embedding, log-normal sigmas, EDM preconditioning, conditioning
+   dropout), with the trained VAE and the stand-in's CLIP encoder frozen;
+   scored by the loss on a fixed held-out batch with fixed noise and sigmas.
+
+Every random draw comes from a generator seeded by (stage, seed, step) through
+`cnx.seeding`; the global RNGs are left as they were. The folder is written with
+`save_pretrained` (safetensors) plus README.md and pretrain_report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnx import conditioning, edm
+from cnx.latents import CLIP_MEAN, CLIP_SIZE, CLIP_STD, embed_reference, encode_reference, encode_video_latents
+from cnx.seeding import derive_seed, stream_generator
+
+HELDOUT_STREAM = "pretrain-heldout"  # held-out dancers: a stream no training step draws from
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The defaults fit about 30 minutes on 2 CPU cores (measured; see the README it writes)."""
+
+    seed: int = 0  # weights, data and noise are a function of the seed alone
+    width: int = 128  # frame width in pixels (the tiny profile's)
+    height: int = 192  # frame height in pixels
+    unet_width: int = 32  # first UNet block width, as the stand-in's (SVD: 320)
+    vae_width: int = 32  # VAE block width, as the stand-in's; 64 would pass the 12 MB folder budget
+    vae_steps: int = 2400  # VAE optimizer steps
+    vae_batch_size: int = 2  # clips per VAE step
+    vae_frames: int = 2  # frames per VAE clip: the temporal decoder decodes them together
+    vae_lr: float = 1e-3  # AdamW, cosine decay to 0 after a short warm-up
+    kl_weight: float = 1e-6  # weight of the summed KL per frame (Stable Diffusion's VAE: 1e-6)
+    unet_steps: int = 1500  # UNet optimizer steps
+    batch_size: int = 1  # clips per UNet step
+    num_frames: int = 8  # frames per UNet clip, and the pipeline's default frame count
+    interval: int = 3  # frames between clip frames (the tiny profile's interval_frame)
+    unet_lr: float = 3e-4  # AdamW, cosine decay to 0 after a short warm-up
+    heldout_clips: int = 8  # held-out dancers for the VAE's PSNR and the UNet's loss
+    heldout_sigmas: int = 4  # noise levels per held-out clip (quantiles of the log-normal)
+    warmup: int = 50  # learning-rate warm-up steps of both stages
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic clips
+
+
+def synthetic_clip(rng: np.random.Generator, num_frames: int, interval: int, width: int, height: int):
+    """(F, 3, H, W) float32 frames in [-1, 1]: a fresh random dancer, frames `interval` apart."""
+    from cnx.synth import _background, random_dancer, render_frame
+
+    span = (num_frames - 1) * interval + 1
+    start = int(rng.integers(0, 2 * span))  # a random stretch of a longer dance
+    dancer = random_dancer(rng, num_frames=start + span, width=width, height=height)
+    background = _background(dancer)
+    frames = [render_frame(dancer, start + i * interval, background)[0] for i in range(num_frames)]
+    video = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float()  # (F, 3, H, W)
+    return video / 127.5 - 1.0
+
+
+def synthetic_batch(stream: tuple, batch_size: int, num_frames: int, interval: int, width: int, height: int):
+    """(B, F, 3, H, W) clips, clip b from the numpy Generator seeded by (*stream, b)."""
+    clips = [
+        synthetic_clip(np.random.default_rng(derive_seed(*stream, b)), num_frames, interval, width, height)
+        for b in range(batch_size)
+    ]
+    return torch.stack(clips)
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _optimizer(params, lr: float, total: int, warmup: int):
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total, warmup))
+    return optimizer, schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the VAE
+
+
+def vae_loss(vae, clips: torch.Tensor, kl_weight: float, generator: torch.Generator) -> torch.Tensor:
+    """MSE + L1 of the reconstruction of (B, F, 3, H, W) clips, plus kl_weight * KL per frame."""
+    num_frames = clips.shape[1]
+    frames = clips.flatten(0, 1)  # (B*F, 3, H, W)
+    posterior = vae.encode(frames).latent_dist
+    latents = posterior.sample(generator=generator)  # (B*F, 4, H/8, W/8)
+    recon = vae.decode(latents, num_frames=num_frames).sample  # (B*F, 3, H, W)
+    error = recon - frames
+    return error.square().mean() + error.abs().mean() + kl_weight * posterior.kl().mean()
+
+
+@torch.no_grad()
+def reconstruct(vae, clips: torch.Tensor) -> torch.Tensor:
+    """(B, F, 3, H, W) reconstructions of clips in [-1, 1] from the posterior's mode, clamped."""
+    batch, num_frames = clips.shape[:2]
+    latents = vae.encode(clips.flatten(0, 1)).latent_dist.mode()
+    recon = vae.decode(latents, num_frames=num_frames).sample.clamp(-1, 1)
+    return recon.reshape(clips.shape)
+
+
+def heldout_psnr(vae, clips: torch.Tensor) -> float:
+    """Mean PSNR (dB, `cnx.metrics.psnr`) of the held-out frames through the VAE."""
+    from cnx.metrics import psnr
+
+    recon = reconstruct(vae, clips)
+    to_unit = lambda x: ((x.flatten(0, 1) + 1) / 2).permute(0, 2, 3, 1)  # noqa: E731 (N, H, W, 3)
+    return float(psnr(to_unit(recon), to_unit(clips)).mean())
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, clips: torch.Tensor) -> float:
+    """1 / std of the held-out latents (Stable Diffusion's recipe): scaled latents have std ~1."""
+    latents = vae.encode(clips.flatten(0, 1)).latent_dist.mode()
+    return float(round(1.0 / latents.std().item(), 5))
+
+
+def train_vae(vae, config: PretrainConfig, heldout: torch.Tensor, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    vae.train().requires_grad_(True)
+    optimizer, schedule = _optimizer(vae.parameters(), config.vae_lr, config.vae_steps, config.warmup)
+    before = heldout_psnr(vae.eval(), heldout)
+    vae.train()
+    bar = tqdm(range(config.vae_steps), desc="stage 1: VAE", disable=not progress)
+    for step in bar:
+        # Fresh dancers: (B, F, 3, H, W) in [-1, 1].
+        clips = synthetic_batch(
+            ("pretrain-vae", config.seed, step),
+            config.vae_batch_size,
+            config.vae_frames,
+            config.interval,
+            config.width,
+            config.height,
+        )
+        loss = vae_loss(vae, clips, config.kl_weight, stream_generator("pretrain-vae-noise", config.seed, step))
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    after = heldout_psnr(vae, heldout)
+    print(f"stage 1: held-out PSNR {before:.2f} dB (untrained) -> {after:.2f} dB ({len(heldout)} clips)")
+    return {"heldout_psnr_untrained": before, "heldout_psnr": after}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: the UNet, image-to-video without pose
+
+
+def svd_loss(
+    unet,
+    vae,
+    image_encoder,
+    pixels: torch.Tensor,
+    generator: torch.Generator,
+    sigma: torch.Tensor | None = None,
+    dropout: bool = True,
+) -> torch.Tensor:
+    """(B,) SVD's per-sample loss of (B, F, 3, H, W) clips, conditioned on their first frame.
+
+    What `cnx.train.training_step` computes with the control off: latents from the
+    VAE posterior, the noise-augmented reference's latent (unscaled) and CLIP
+    embedding, conditioning dropout, log-normal sigmas (unless given), EDM's
+    v-prediction preconditioning and lambda(sigma)-weighted loss.
+    """
+    batch_size, num_frames = pixels.shape[:2]
+    reference = pixels[:, 0]  # (B, 3, H, W): SVD animates its conditioning frame
+    latents = encode_video_latents(vae, pixels, None, generator).float()  # (B, F, C, h, w)
+    noisy_reference = conditioning.noise_augment_reference(reference, generator)
+    reference_latents = encode_reference(vae, noisy_reference).float()  # (B, C, h, w)
+    embeddings = embed_reference(image_encoder, reference).float()  # (B, 1, D)
+    if dropout:
+        drop = conditioning.sample_conditioning_dropout(batch_size, generator, control_scale=0.0)
+        embeddings, reference_latents = drop.apply(embeddings, reference_latents)
+    if sigma is None:
+        sigma = edm.sample_sigmas(batch_size, "lognormal", generator)  # (B,)
+    noise = edm.gaussian_noise(latents, generator)
+    noisy = edm.add_noise(latents, sigma, noise)  # (B, F, C, h, w)
+    model_input = torch.cat(
+        [edm.scale_input(noisy, sigma), reference_latents[:, None].expand(-1, num_frames, -1, -1, -1)], dim=2
+    )  # (B, F, 2C, h, w)
+    time_ids = conditioning.added_time_ids(batch_size=batch_size)
+    output = unet(model_input, edm.precondition(sigma)[3], embeddings, time_ids).sample
+    return edm.denoising_loss(edm.denoise(noisy, output, sigma), latents, sigma)
+
+
+def heldout_sigmas(count: int) -> torch.Tensor:
+    """(count,) fixed sigmas: the log-normal sampler's quantiles at (i + 0.5) / count."""
+    q = (torch.arange(count, dtype=torch.float64) + 0.5) / count
+    normal = math.sqrt(2.0) * torch.erfinv(2 * q - 1)
+    return torch.exp(edm.LOGNORMAL_P_MEAN + edm.LOGNORMAL_P_STD * normal).float()
+
+
+@torch.no_grad()
+def heldout_unet_loss(unet, vae, image_encoder, clips: torch.Tensor, num_sigmas: int) -> float:
+    """Mean loss over held-out clips x fixed sigmas, fixed noise, no dropout: comparable across runs."""
+    losses = []
+    for i, sigma in enumerate(heldout_sigmas(num_sigmas)):
+        generator = stream_generator(HELDOUT_STREAM, "noise", i)
+        sigmas = sigma.expand(len(clips))
+        losses.append(svd_loss(unet, vae, image_encoder, clips, generator, sigmas, dropout=False))
+    return float(torch.cat(losses).mean())
+
+
+def train_unet(unet, vae, image_encoder, config: PretrainConfig, heldout: torch.Tensor, progress=True) -> dict:
+    from tqdm.auto import tqdm
+
+    unet.eval()
+    start = heldout_unet_loss(unet, vae, image_encoder, heldout, config.heldout_sigmas)
+    unet.train().requires_grad_(True)
+    optimizer, schedule = _optimizer(unet.parameters(), config.unet_lr, config.unet_steps, config.warmup)
+    bar = tqdm(range(config.unet_steps), desc="stage 2: UNet", disable=not progress)
+    for step in bar:
+        # Fresh clips: (B, F, 3, H, W) in [-1, 1].
+        pixels = synthetic_batch(
+            ("pretrain-unet", config.seed, step),
+            config.batch_size,
+            config.num_frames,
+            config.interval,
+            config.width,
+            config.height,
+        )
+        generator = stream_generator("pretrain-unet-noise", config.seed, step)
+        loss = svd_loss(unet, vae, image_encoder, pixels, generator).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    unet.eval().requires_grad_(False)
+    end = heldout_unet_loss(unet, vae, image_encoder, heldout, config.heldout_sigmas)
+    print(f"stage 2: held-out loss {start:.4f} (untrained) -> {end:.4f}")
+    return {"heldout_loss_start": start, "heldout_loss_end": end}
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder
+
+
+def save_pipeline(out_dir: Path, unet, vae, image_encoder, scheduler) -> None:
+    """As `cnx.tiny.write_tiny_svd` writes the stand-in: same classes, processor and model_index."""
+    from diffusers import StableVideoDiffusionPipeline
+    from transformers import CLIPImageProcessor
+
+    from cnx.tiny import quiet_progress_bars
+
+    feature_extractor = CLIPImageProcessor(
+        size={"shortest_edge": CLIP_SIZE},
+        crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler, feature_extractor=feature_extractor
+    )
+    with quiet_progress_bars():
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+    index_path = out_dir / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def command_line(out_dir: Path, config: PretrainConfig) -> str:
+    flags = " ".join(f"--{k} {v}" for k, v in asdict(config).items())
+    return f"cnx pretrain-tiny {shlex.quote(str(out_dir))} {flags}"
+
+
+README = """# Pretrained tiny SVD (synthetic dancers)
+
+A tiny Stable Video Diffusion pipeline trained on a CPU by `cnx pretrain-tiny`:
+the stand-in for `stabilityai/stable-video-diffusion-img2vid-xt-1-1` that
+ControlNeXt training starts from. Same classes and configs as `cnx tiny-model`
+writes (UNet width {unet_width}, VAE width {vae_width}), trained weights.
+
+How it was made, from fresh random synthetic dancers (`cnx.synth`) every step:
+1. VAE (AutoencoderKLTemporalDecoder): {vae_steps} steps of {vae_batch_size} clips x {vae_frames}
+   frames at {width}x{height}, MSE + L1 + {kl_weight} KL; held-out PSNR {psnr_before:.2f} dB
+   (untrained) -> {psnr:.2f} dB. Latent scaling_factor set to {scaling:.5f} (1 / std).
+2. UNet (UNetSpatioTemporalConditionModel), image-to-video without pose: {unet_steps} steps
+   of {batch_size} clips x {num_frames} frames (every {interval}th frame), SVD's EDM objective
+   conditioned on the first frame (log-normal sigmas, conditioning dropout), VAE and CLIP
+   image encoder frozen (the CLIP encoder keeps the stand-in's random weights); held-out
+   loss {loss_start:.4f} -> {loss_end:.4f}.
+
+Figures and timings: pretrain_report.json. Reproduce it (same seed, same weights) with
+
+    {command}
+
+Load it with `StableVideoDiffusionPipeline.from_pretrained(folder)` or
+`cnx.pipeline.ControlNeXtSVDPipeline.from_pretrained(folder)`.
+"""
+
+
+def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), progress: bool = True) -> dict:
+    """Train both stages and write the pipeline folder, README.md and pretrain_report.json; the report."""
+    from cnx.tiny import build_tiny_components, folder_size
+
+    out_dir = Path(out_dir)
+    with torch.random.fork_rng():  # nothing here draws from the global RNG; leave it as it was anyway
+        unet, vae, image_encoder, scheduler = build_tiny_components(
+            config.seed, config.unet_width, config.vae_width, config.num_frames
+        )
+        image_encoder.requires_grad_(False).eval()
+        heldout_frames = synthetic_batch(
+            (HELDOUT_STREAM, "vae"), config.heldout_clips, config.vae_frames, config.interval, config.width,
+            config.height,
+        )
+        heldout_clips = synthetic_batch(
+            (HELDOUT_STREAM, "unet"), config.heldout_clips, config.num_frames, config.interval, config.width,
+            config.height,
+        )
+
+        started = time.perf_counter()
+        vae_report = train_vae(vae, config, heldout_frames, progress)
+        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, heldout_frames))
+        vae_seconds = time.perf_counter() - started
+
+        started = time.perf_counter()
+        unet_report = train_unet(unet, vae, image_encoder, config, heldout_clips, progress)
+        unet_seconds = time.perf_counter() - started
+
+    save_pipeline(out_dir, unet, vae, image_encoder, scheduler)
+    report = {
+        "config": asdict(config),
+        "vae": vae_report | {"steps": config.vae_steps, "seconds": round(vae_seconds, 1),
+                             "scaling_factor": vae.config.scaling_factor},
+        "unet": unet_report | {"steps": config.unet_steps, "seconds": round(unet_seconds, 1)},
+        "heldout": {"clips": config.heldout_clips, "sigmas": heldout_sigmas(config.heldout_sigmas).tolist()},
+        "command": command_line(out_dir, config),
+    }
+    (out_dir / "README.md").write_text(
+        README.format(
+            **asdict(config),
+            psnr_before=vae_report["heldout_psnr_untrained"],
+            psnr=vae_report["heldout_psnr"],
+            scaling=vae.config.scaling_factor,
+            loss_start=unet_report["heldout_loss_start"],
+            loss_end=unet_report["heldout_loss_end"],
+            command=report["command"],
+        )
+    )
+    report["weights_and_readme_bytes"] = folder_size(out_dir)
+    (out_dir / "pretrain_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Path, PretrainConfig]:
+    parser = argparse.ArgumentParser(prog="cnx pretrain-tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="folder to write the pipeline into")
+    for name, value in asdict(PretrainConfig()).items():
+        parser.add_argument(f"--{name}", type=type(value), default=value)
+    args = vars(parser.parse_args(argv))
+    return args.pop("out_dir"), PretrainConfig(**args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cnx.tiny import folder_size
+
+    out_dir, config = parse_args(argv)
+    started = time.perf_counter()
+    report = pretrain(out_dir, config)
+    print(
+        f"pretrained tiny SVD: {out_dir} ({folder_size(out_dir) / 1e6:.1f} MB, "
+        f"{time.perf_counter() - started:.0f} s); VAE held-out PSNR {report['vae']['heldout_psnr']:.2f} dB, "
+        f"UNet held-out loss {report['unet']['heldout_loss_start']:.4f} -> {report['unet']['heldout_loss_end']:.4f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
