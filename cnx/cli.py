@@ -8,6 +8,7 @@ import sys
 # command -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS = {
     "tiny-model": ("cnx.tiny", "write a tiny random-weight Stable Video Diffusion pipeline folder"),
+    "pretrain-tiny": ("cnx.pretrain", "train the tiny SVD on synthetic dancers on a CPU (VAE, then UNet)"),
     "samples": ("cnx.synth", "write synthetic dancer clips in the training data format"),
     "check-data": ("cnx.checks", "check every entry of a meta_info.json before training"),
     "build-meta": ("cnx.meta", "build a meta_info.json from folders of videos and pose videos"),

@@ -35,9 +35,17 @@ import numpy as np
 import torch
 
 from cnx import conditioning, edm
-from cnx.latents import CLIP_MEAN, CLIP_SIZE, CLIP_STD, embed_reference, encode_reference, encode_video_latents
+from cnx.latents import (
+    CLIP_MEAN,
+    CLIP_SIZE,
+    CLIP_STD,
+    embed_reference,
+    encode_reference,
+    encode_video_latents,
+)
 from cnx.seeding import derive_seed, stream_generator
 
+INITIAL_LOGVAR = -6.0  # the VAE posterior's starting log-variance (bias of quant_conv's logvar half)
 HELDOUT_STREAM = "pretrain-heldout"  # held-out dancers: a stream no training step draws from
 
 
@@ -50,12 +58,12 @@ class PretrainConfig:
     height: int = 192  # frame height in pixels
     unet_width: int = 32  # first UNet block width, as the stand-in's (SVD: 320)
     vae_width: int = 32  # VAE block width, as the stand-in's; 64 would pass the 12 MB folder budget
-    vae_steps: int = 2400  # VAE optimizer steps
+    vae_steps: int = 1500  # VAE optimizer steps
     vae_batch_size: int = 2  # clips per VAE step
     vae_frames: int = 2  # frames per VAE clip: the temporal decoder decodes them together
-    vae_lr: float = 1e-3  # AdamW, cosine decay to 0 after a short warm-up
+    vae_lr: float = 2e-3  # AdamW, cosine decay to 0 after a short warm-up
     kl_weight: float = 1e-6  # weight of the summed KL per frame (Stable Diffusion's VAE: 1e-6)
-    unet_steps: int = 1500  # UNet optimizer steps
+    unet_steps: int = 600  # UNet optimizer steps
     batch_size: int = 1  # clips per UNet step
     num_frames: int = 8  # frames per UNet clip, and the pipeline's default frame count
     interval: int = 3  # frames between clip frames (the tiny profile's interval_frame)
@@ -147,6 +155,11 @@ def latent_scaling_factor(vae, clips: torch.Tensor) -> float:
 def train_vae(vae, config: PretrainConfig, heldout: torch.Tensor, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
+    # A random VAE's posterior has std ~1 around means near 0: sampled latents are mostly noise,
+    # and a KL weight of 1e-6 takes thousands of steps to shrink it. Start from std e^-3 instead.
+    with torch.no_grad():
+        channels = vae.config.latent_channels
+        vae.quant_conv.bias[channels:] = INITIAL_LOGVAR
     vae.train().requires_grad_(True)
     optimizer, schedule = _optimizer(vae.parameters(), config.vae_lr, config.vae_steps, config.warmup)
     before = heldout_psnr(vae.eval(), heldout)
@@ -162,12 +175,17 @@ def train_vae(vae, config: PretrainConfig, heldout: torch.Tensor, progress: bool
             config.width,
             config.height,
         )
-        loss = vae_loss(vae, clips, config.kl_weight, stream_generator("pretrain-vae-noise", config.seed, step))
+        loss = vae_loss(
+            vae, clips, config.kl_weight, stream_generator("pretrain-vae-noise", config.seed, step)
+        )
         loss.backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % max(1, config.vae_steps // 8) == 0 and step + 1 < config.vae_steps:
+            bar.write(f"stage 1: step {step + 1}: held-out PSNR {heldout_psnr(vae.eval(), heldout):.2f} dB")
+            vae.train()
     vae.eval().requires_grad_(False)
     after = heldout_psnr(vae, heldout)
     print(f"stage 1: held-out PSNR {before:.2f} dB (untrained) -> {after:.2f} dB ({len(heldout)} clips)")
@@ -233,7 +251,9 @@ def heldout_unet_loss(unet, vae, image_encoder, clips: torch.Tensor, num_sigmas:
     return float(torch.cat(losses).mean())
 
 
-def train_unet(unet, vae, image_encoder, config: PretrainConfig, heldout: torch.Tensor, progress=True) -> dict:
+def train_unet(
+    unet, vae, image_encoder, config: PretrainConfig, heldout: torch.Tensor, progress=True
+) -> dict:
     from tqdm.auto import tqdm
 
     unet.eval()
@@ -283,7 +303,11 @@ def save_pipeline(out_dir: Path, unet, vae, image_encoder, scheduler) -> None:
         image_std=list(CLIP_STD),
     )
     pipe = StableVideoDiffusionPipeline(
-        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler, feature_extractor=feature_extractor
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=unet,
+        scheduler=scheduler,
+        feature_extractor=feature_extractor,
     )
     with quiet_progress_bars():
         pipe.save_pretrained(out_dir, safe_serialization=True)
@@ -335,11 +359,19 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
         )
         image_encoder.requires_grad_(False).eval()
         heldout_frames = synthetic_batch(
-            (HELDOUT_STREAM, "vae"), config.heldout_clips, config.vae_frames, config.interval, config.width,
+            (HELDOUT_STREAM, "vae"),
+            config.heldout_clips,
+            config.vae_frames,
+            config.interval,
+            config.width,
             config.height,
         )
         heldout_clips = synthetic_batch(
-            (HELDOUT_STREAM, "unet"), config.heldout_clips, config.num_frames, config.interval, config.width,
+            (HELDOUT_STREAM, "unet"),
+            config.heldout_clips,
+            config.num_frames,
+            config.interval,
+            config.width,
             config.height,
         )
 
@@ -355,8 +387,12 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
     save_pipeline(out_dir, unet, vae, image_encoder, scheduler)
     report = {
         "config": asdict(config),
-        "vae": vae_report | {"steps": config.vae_steps, "seconds": round(vae_seconds, 1),
-                             "scaling_factor": vae.config.scaling_factor},
+        "vae": vae_report
+        | {
+            "steps": config.vae_steps,
+            "seconds": round(vae_seconds, 1),
+            "scaling_factor": vae.config.scaling_factor,
+        },
         "unet": unet_report | {"steps": config.unet_steps, "seconds": round(unet_seconds, 1)},
         "heldout": {"clips": config.heldout_clips, "sigmas": heldout_sigmas(config.heldout_sigmas).tolist()},
         "command": command_line(out_dir, config),
@@ -392,10 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir, config = parse_args(argv)
     started = time.perf_counter()
     report = pretrain(out_dir, config)
+    vae, unet = report["vae"], report["unet"]
     print(
         f"pretrained tiny SVD: {out_dir} ({folder_size(out_dir) / 1e6:.1f} MB, "
-        f"{time.perf_counter() - started:.0f} s); VAE held-out PSNR {report['vae']['heldout_psnr']:.2f} dB, "
-        f"UNet held-out loss {report['unet']['heldout_loss_start']:.4f} -> {report['unet']['heldout_loss_end']:.4f}"
+        f"{time.perf_counter() - started:.0f} s); VAE held-out PSNR {vae['heldout_psnr']:.2f} dB, "
+        f"UNet held-out loss {unet['heldout_loss_start']:.4f} -> {unet['heldout_loss_end']:.4f}"
     )
     return 0
 

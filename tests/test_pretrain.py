@@ -1,0 +1,131 @@
+"""`cnx pretrain-tiny`: a short run writes a loadable, reproducible pipeline folder that learned something."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableVideoDiffusionPipeline
+from safetensors.torch import load_file
+
+from cnx.pipeline import ControlNeXtSVDPipeline
+from cnx.pretrain import (
+    PretrainConfig,
+    cosine_lr,
+    heldout_sigmas,
+    parse_args,
+    synthetic_batch,
+)
+from cnx.tiny import build_tiny_components
+
+SHORT = [
+    "--seed", "3",
+    "--width", "64", "--height", "64",
+    "--vae_steps", "4", "--vae_batch_size", "1", "--vae_frames", "2",
+    "--unet_steps", "2", "--num_frames", "2",
+    "--heldout_clips", "1", "--heldout_sigmas", "2", "--warmup", "2",
+]  # fmt: skip
+WEIGHTS = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
+
+
+def run_cli(out_dir):
+    command = [sys.executable, "-m", "cnx.cli", "pretrain-tiny", str(out_dir), *SHORT]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    return [(root / name, run_cli(root / name)) for name in ("a", "b")]
+
+
+def test_the_folder_loads_as_svd_and_as_controlnext_pipeline(runs):
+    folder, done = runs[0]
+    assert "held-out PSNR" in done.stdout and "pretrained tiny SVD" in done.stdout
+    svd = StableVideoDiffusionPipeline.from_pretrained(folder)
+    ours = ControlNeXtSVDPipeline.from_pretrained(folder)
+    assert ours.controlnext is None
+    for pipe in (svd, ours):
+        assert pipe.unet.config.num_frames == 2
+        assert (
+            pipe.vae.config.scaling_factor
+            == json.loads((folder / "pretrain_report.json").read_text())["vae"]["scaling_factor"]
+        )
+    # The same classes and configs as the stand-in, apart from the trained latent scaling factor.
+    unet, vae, _, _ = build_tiny_components(3, num_frames=2)
+
+    def plain(config):  # as written to config.json: tuples become lists
+        return json.loads(
+            json.dumps({k: v for k, v in config.items() if k != "scaling_factor" and k[0] != "_"})
+        )
+
+    assert plain(svd.unet.config) == plain(unet.config)
+    assert plain(svd.vae.config) == plain(vae.config)
+
+
+def test_report_and_readme(runs):
+    folder, _ = runs[0]
+    report = json.loads((folder / "pretrain_report.json").read_text())
+    assert report["vae"]["steps"] == 4 and report["unet"]["steps"] == 2
+    assert report["config"]["seed"] == 3 and report["config"]["width"] == 64
+    for stage in ("vae", "unet"):
+        assert report[stage]["seconds"] > 0
+    assert np.isfinite([report["unet"]["heldout_loss_start"], report["unet"]["heldout_loss_end"]]).all()
+    readme = (folder / "README.md").read_text()
+    assert report["command"] in readme and "--vae_steps 4" in report["command"]
+    # The command in the report parses back to the run's configuration.
+    out_dir, config = parse_args(report["command"].split()[2:])
+    assert out_dir == folder and config == PretrainConfig(**report["config"])
+
+
+def test_even_a_short_run_improves_the_vae_on_heldout_frames(runs):
+    report = json.loads((runs[0][0] / "pretrain_report.json").read_text())
+    assert report["vae"]["heldout_psnr"] > report["vae"]["heldout_psnr_untrained"] + 0.1
+
+
+def test_the_same_seed_gives_the_same_bytes(runs):
+    (a, _), (b, _) = runs
+    for name in WEIGHTS + ["unet/config.json", "vae/config.json", "model_index.json"]:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    readme_b = (b / "README.md").read_text().replace(str(b), str(a))  # the command names its folder
+    assert (a / "README.md").read_text() == readme_b
+    for name in WEIGHTS:
+        tensors_a, tensors_b = load_file(a / name), load_file(b / name)
+        assert all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a)
+    report_a, report_b = (json.loads((x / "pretrain_report.json").read_text()) for x in (a, b))
+    for stage in ("vae", "unet"):
+        report_a[stage].pop("seconds"), report_b[stage].pop("seconds")
+    report_b["command"] = report_b["command"].replace(str(b), str(a))
+    assert report_a == report_b
+
+
+def test_fresh_dancers_every_step_and_heldout_apart():
+    first = synthetic_batch(("pretrain-vae", 0, 0), 2, 2, 3, 32, 48)
+    assert first.shape == (2, 2, 3, 48, 32) and first.min() >= -1 and first.max() <= 1
+    assert torch.equal(first, synthetic_batch(("pretrain-vae", 0, 0), 2, 2, 3, 32, 48))
+    assert not torch.equal(first, synthetic_batch(("pretrain-vae", 0, 1), 2, 2, 3, 32, 48))
+    assert not torch.equal(first[0], first[1])  # every clip of a batch its own dancer
+
+
+def test_schedule_and_heldout_sigmas():
+    assert cosine_lr(0, 100, 10) == pytest.approx(0.1) and cosine_lr(10, 100, 10) == pytest.approx(1.0)
+    assert cosine_lr(100, 100, 10) == pytest.approx(0.0, abs=1e-9)
+    sigmas = heldout_sigmas(4)
+    assert torch.all(sigmas[1:] > sigmas[:-1])
+    assert float(sigmas.log().mean()) == pytest.approx(0.7, abs=1e-5)  # symmetric about the median
+
+
+def test_the_global_rng_is_left_alone():
+    from cnx.pretrain import PretrainConfig, train_vae
+
+    _, vae, _, _ = build_tiny_components(0)
+    config = PretrainConfig(width=32, height=32, vae_steps=1, vae_batch_size=1, warmup=1)
+    heldout = synthetic_batch(("heldout",), 1, 2, 3, 32, 32)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    train_vae(vae, config, heldout, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
