@@ -36,14 +36,12 @@ import torch
 
 from cnx import conditioning, edm
 from cnx.latents import (
-    CLIP_MEAN,
-    CLIP_SIZE,
-    CLIP_STD,
     embed_reference,
     encode_reference,
     encode_video_latents,
 )
 from cnx.seeding import derive_seed, stream_generator
+from cnx.tiny import save_svd_folder
 
 INITIAL_LOGVAR = -6.0  # the VAE posterior's starting log-variance (bias of quant_conv's logvar half)
 HELDOUT_STREAM = "pretrain-heldout"  # held-out dancers: a stream no training step draws from
@@ -289,34 +287,6 @@ def train_unet(
 # The folder
 
 
-def save_pipeline(out_dir: Path, unet, vae, image_encoder, scheduler) -> None:
-    """As `cnx.tiny.write_tiny_svd` writes the stand-in: same classes, processor and model_index."""
-    from diffusers import StableVideoDiffusionPipeline
-    from transformers import CLIPImageProcessor
-
-    from cnx.tiny import quiet_progress_bars
-
-    feature_extractor = CLIPImageProcessor(
-        size={"shortest_edge": CLIP_SIZE},
-        crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    )
-    pipe = StableVideoDiffusionPipeline(
-        vae=vae,
-        image_encoder=image_encoder,
-        unet=unet,
-        scheduler=scheduler,
-        feature_extractor=feature_extractor,
-    )
-    with quiet_progress_bars():
-        pipe.save_pretrained(out_dir, safe_serialization=True)
-    index_path = out_dir / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
 def command_line(out_dir: Path, config: PretrainConfig) -> str:
     flags = " ".join(f"--{k} {v}" for k, v in asdict(config).items())
     return f"cnx pretrain-tiny {shlex.quote(str(out_dir))} {flags}"
@@ -384,7 +354,7 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
         unet_report = train_unet(unet, vae, image_encoder, config, heldout_clips, progress)
         unet_seconds = time.perf_counter() - started
 
-    save_pipeline(out_dir, unet, vae, image_encoder, scheduler)
+    save_svd_folder(out_dir, unet, vae, image_encoder, scheduler)
     report = {
         "config": asdict(config),
         "vae": vae_report

@@ -168,14 +168,11 @@ def quiet_progress_bars() -> Iterator[None]:
             lib.enable_progress_bar()
 
 
-def write_tiny_svd(
-    out_dir: str | Path, seed: int = 0, unet_width: int = 32, vae_width: int = 32, num_frames: int = 8
-) -> Path:
-    """Write a StableVideoDiffusionPipeline folder; the same seed gives byte-identical weight files."""
+def save_svd_folder(out_dir: str | Path, unet, vae, image_encoder, scheduler) -> Path:
+    """Write SVD components as a StableVideoDiffusionPipeline folder (safetensors), with CLIP's processor."""
     from diffusers import StableVideoDiffusionPipeline
     from transformers import CLIPImageProcessor
 
-    unet, vae, image_encoder, scheduler = build_tiny_components(seed, unet_width, vae_width, num_frames)
     feature_extractor = CLIPImageProcessor(
         size={"shortest_edge": CLIP_SIZE},
         crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE},
@@ -199,6 +196,13 @@ def write_tiny_svd(
     index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return out_dir
+
+
+def write_tiny_svd(
+    out_dir: str | Path, seed: int = 0, unet_width: int = 32, vae_width: int = 32, num_frames: int = 8
+) -> Path:
+    """Write a StableVideoDiffusionPipeline folder; the same seed gives byte-identical weight files."""
+    return save_svd_folder(out_dir, *build_tiny_components(seed, unet_width, vae_width, num_frames))
 
 
 def folder_size(path: str | Path) -> int:
