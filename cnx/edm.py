@@ -70,6 +70,15 @@ def lognormal_sigmas(
     return torch.exp(p_mean + p_std * normal)
 
 
+def lognormal_quantiles(
+    count: int, p_mean: float = LOGNORMAL_P_MEAN, p_std: float = LOGNORMAL_P_STD
+) -> torch.Tensor:
+    """(count,) fixed sigmas for held-out losses: the log-normal's quantiles at (i + 0.5) / count."""
+    q = (torch.arange(count, dtype=torch.float64) + 0.5) / count
+    normal = math.sqrt(2.0) * torch.erfinv(2 * q - 1)
+    return torch.exp(p_mean + p_std * normal).float()
+
+
 def cosine_interpolated_sigma(
     t: torch.Tensor,
     image_d: float = COSINE_IMAGE_D,

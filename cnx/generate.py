@@ -142,16 +142,18 @@ def load_pipeline(
     import torch
 
     from cnx.pipeline import ControlNeXtSVDPipeline
+    from cnx.tiny import quiet_progress_bars
     from cnx.weights import load_controlnext, load_unet_state
 
     model = load_controlnext(controlnext) if controlnext is not None else None
     torch_dtype = getattr(torch, dtype)
-    pipe = ControlNeXtSVDPipeline.from_pretrained(
-        pretrained_model_name_or_path, controlnext=model, torch_dtype=torch_dtype
-    )
+    with quiet_progress_bars():
+        pipe = ControlNeXtSVDPipeline.from_pretrained(
+            pretrained_model_name_or_path, controlnext=model, dtype=torch_dtype
+        )
     if unet is not None:
         load_unet_state(pipe.unet, unet)
-    if pipe.controlnext is not None:
+    if pipe.controlnext is not None and pipe.controlnext.dtype != torch_dtype:
         pipe.controlnext.to(torch_dtype)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 

@@ -27,6 +27,7 @@ import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,13 +39,16 @@ DEFAULT_PORT = 29500
 
 # Profile -> the training flags it implies (on top of cnx.profiles' paths and sizes).
 PROFILE_FLAGS = {
-    # A few minutes on a laptop CPU: one process, validation and checkpoints at the end and midway.
+    # A few minutes on a laptop CPU: one process, checkpoints midway and at the end, validation at the
+    # end. ControlNeXt starts from scratch on the pretrained tiny SVD: a higher learning rate and a
+    # full-strength control (SVD-xt: 0.2) make it learn in minutes (benchmarks/convergence.py).
     "tiny": {
-        "learning_rate": 1e-4,
-        "lr_warmup_steps": 5,
-        "max_train_steps": 30,
-        "checkpointing_steps": 15,
-        "validation_steps": 30,
+        "learning_rate": 3e-4,
+        "control_scale": 1.0,
+        "lr_warmup_steps": 10,
+        "max_train_steps": 200,
+        "checkpointing_steps": 100,
+        "validation_steps": 200,
         "num_frames": 14,
         "use_ema": True,
         "num_workers": 0,
@@ -186,7 +190,7 @@ def write_run_folder(
     None means DeepSpeed ZeRO-2 on GPUs and no DeepSpeed on the CPU, 0 means no DeepSpeed.
     """
     from cnx.doctor import report
-    from cnx.tiny import write_tiny_svd
+    from cnx.profiles import ensure_model, get_profile
 
     num_gpus = PROFILE_GPUS[profile] if num_gpus is None else num_gpus
     if zero_stage is None:
@@ -199,10 +203,10 @@ def write_run_folder(
     folder = runs_dir / f"{next_run_number(runs_dir):05d}-{profile}-{max(num_gpus, 1)}x{num_machines}-{label}"
     folder.mkdir()
 
-    # What the run needs: the tiny profile's stand-in SVD is written into the folder and travels with it.
+    # What the run needs: the tiny profile's pretrained SVD is copied into the folder and travels with it.
     if profile == "tiny" and not any(o.startswith("--pretrained_model_name_or_path") for o in overrides):
-        write_tiny_svd(folder / "tiny-svd")
-        options = profile_options(profile, [*overrides, "--pretrained_model_name_or_path=tiny-svd"], OUTPUT)
+        shutil.copytree(ensure_model(get_profile("tiny")).pretrained_model_name_or_path, folder / "tiny_svd")
+        options = profile_options(profile, [*overrides, "--pretrained_model_name_or_path=tiny_svd"], OUTPUT)
     options.to_json(folder / "training_options.json")
 
     import yaml

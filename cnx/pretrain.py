@@ -30,16 +30,12 @@ import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from cnx import conditioning, edm
-from cnx.latents import (
-    embed_reference,
-    encode_reference,
-    encode_video_latents,
-)
 from cnx.seeding import derive_seed, stream_generator
 from cnx.tiny import save_svd_folder
 
@@ -56,12 +52,13 @@ class PretrainConfig:
     height: int = 192  # frame height in pixels
     unet_width: int = 32  # first UNet block width, as the stand-in's (SVD: 320)
     vae_width: int = 32  # VAE block width, as the stand-in's; 64 would pass the 12 MB folder budget
-    vae_steps: int = 1500  # VAE optimizer steps
-    vae_batch_size: int = 2  # clips per VAE step
+    vae_steps: int = 2400  # VAE optimizer steps
+    vae_batch_size: int = 4  # clips per VAE step
     vae_frames: int = 2  # frames per VAE clip: the temporal decoder decodes them together
-    vae_lr: float = 2e-3  # AdamW, cosine decay to 0 after a short warm-up
+    vae_crop: int = 64  # square crop of every VAE clip, a multiple of 8 (0: whole frames)
+    vae_lr: float = 1e-3  # AdamW, cosine decay to 0 after a short warm-up
     kl_weight: float = 1e-6  # weight of the summed KL per frame (Stable Diffusion's VAE: 1e-6)
-    unet_steps: int = 600  # UNet optimizer steps
+    unet_steps: int = 1800  # UNet optimizer steps
     batch_size: int = 1  # clips per UNet step
     num_frames: int = 8  # frames per UNet clip, and the pipeline's default frame count
     interval: int = 3  # frames between clip frames (the tiny profile's interval_frame)
@@ -114,15 +111,34 @@ def _optimizer(params, lr: float, total: int, warmup: int):
 # Stage 1: the VAE
 
 
+def random_crop(clips: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
+    """(B, F, 3, size, size): one square window per clip, at multiples of 8; size 0 keeps the frames.
+
+    Small crops make VAE steps several times cheaper; the decoder is convolutional, so it
+    reconstructs whole frames after training on crops (the held-out PSNR is on whole frames).
+    """
+    if not size:
+        return clips
+    height, width = clips.shape[-2:]
+    if size % 8 or size > min(height, width):
+        raise ValueError(f"vae_crop must be a multiple of 8 and fit {width}x{height}, got {size}")
+    windows = []
+    for clip in clips:
+        y = int(rng.integers(0, (height - size) // 8 + 1)) * 8
+        x = int(rng.integers(0, (width - size) // 8 + 1)) * 8
+        windows.append(clip[..., y : y + size, x : x + size])
+    return torch.stack(windows)
+
+
 def vae_loss(vae, clips: torch.Tensor, kl_weight: float, generator: torch.Generator) -> torch.Tensor:
-    """MSE + L1 of the reconstruction of (B, F, 3, H, W) clips, plus kl_weight * KL per frame."""
+    """MSE of the reconstruction of (B, F, 3, H, W) clips, plus kl_weight * KL per frame."""
     num_frames = clips.shape[1]
     frames = clips.flatten(0, 1)  # (B*F, 3, H, W)
     posterior = vae.encode(frames).latent_dist
     latents = posterior.sample(generator=generator)  # (B*F, 4, H/8, W/8)
     recon = vae.decode(latents, num_frames=num_frames).sample  # (B*F, 3, H, W)
     error = recon - frames
-    return error.square().mean() + error.abs().mean() + kl_weight * posterior.kl().mean()
+    return error.square().mean() + kl_weight * posterior.kl().mean()
 
 
 @torch.no_grad()
@@ -173,6 +189,9 @@ def train_vae(vae, config: PretrainConfig, heldout: torch.Tensor, progress: bool
             config.width,
             config.height,
         )
+        clips = random_crop(
+            clips, config.vae_crop, np.random.default_rng(derive_seed("pretrain-crop", config.seed, step))
+        )
         loss = vae_loss(
             vae, clips, config.kl_weight, stream_generator("pretrain-vae-noise", config.seed, step)
         )
@@ -194,58 +213,51 @@ def train_vae(vae, config: PretrainConfig, heldout: torch.Tensor, progress: bool
 # Stage 2: the UNet, image-to-video without pose
 
 
+class WithoutControl(torch.nn.Module):
+    """The UNet behind the model interface of `cnx.train.training_step`, the pose ignored."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, embeddings, time_ids, pose_frames=None, control_scale=None):
+        return self.unet(sample, timestep, embeddings, time_ids)
+
+
+# SVD's own objective is ControlNeXt's training step with the control off (same dropout, sigmas).
+SVD_OBJECTIVE = SimpleNamespace(
+    conditioning_dropout_prob=conditioning.DEFAULT_CONDITIONING_DROPOUT_PROB,
+    control_scale=0.0,
+    sigma_sampler="lognormal",
+)
+
+
 def svd_loss(
-    unet,
-    vae,
-    image_encoder,
-    pixels: torch.Tensor,
-    generator: torch.Generator,
-    sigma: torch.Tensor | None = None,
-    dropout: bool = True,
+    models, pixels: torch.Tensor, generator: torch.Generator, sigma: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(B,) SVD's per-sample loss of (B, F, 3, H, W) clips, conditioned on their first frame.
+    """(B,) SVD's per-sample loss of (B, F, 3, H, W) clips in [-1, 1], conditioned on their first frame.
 
-    What `cnx.train.training_step` computes with the control off: latents from the
-    VAE posterior, the noise-augmented reference's latent (unscaled) and CLIP
-    embedding, conditioning dropout, log-normal sigmas (unless given), EDM's
-    v-prediction preconditioning and lambda(sigma)-weighted loss.
+    `cnx.train.training_step` with no pose and no hand weights; `sigma` (B,) fixes the
+    noise levels and turns the conditioning dropout off, as for held-out losses.
     """
-    batch_size, num_frames = pixels.shape[:2]
-    reference = pixels[:, 0]  # (B, 3, H, W): SVD animates its conditioning frame
-    latents = encode_video_latents(vae, pixels, None, generator).float()  # (B, F, C, h, w)
-    noisy_reference = conditioning.noise_augment_reference(reference, generator)
-    reference_latents = encode_reference(vae, noisy_reference).float()  # (B, C, h, w)
-    embeddings = embed_reference(image_encoder, reference).float()  # (B, 1, D)
-    if dropout:
-        drop = conditioning.sample_conditioning_dropout(batch_size, generator, control_scale=0.0)
-        embeddings, reference_latents = drop.apply(embeddings, reference_latents)
-    if sigma is None:
-        sigma = edm.sample_sigmas(batch_size, "lognormal", generator)  # (B,)
-    noise = edm.gaussian_noise(latents, generator)
-    noisy = edm.add_noise(latents, sigma, noise)  # (B, F, C, h, w)
-    model_input = torch.cat(
-        [edm.scale_input(noisy, sigma), reference_latents[:, None].expand(-1, num_frames, -1, -1, -1)], dim=2
-    )  # (B, F, 2C, h, w)
-    time_ids = conditioning.added_time_ids(batch_size=batch_size)
-    output = unet(model_input, edm.precondition(sigma)[3], embeddings, time_ids).sample
-    return edm.denoising_loss(edm.denoise(noisy, output, sigma), latents, sigma)
+    from cnx.train import training_step
 
-
-def heldout_sigmas(count: int) -> torch.Tensor:
-    """(count,) fixed sigmas: the log-normal sampler's quantiles at (i + 0.5) / count."""
-    q = (torch.arange(count, dtype=torch.float64) + 0.5) / count
-    normal = math.sqrt(2.0) * torch.erfinv(2 * q - 1)
-    return torch.exp(edm.LOGNORMAL_P_MEAN + edm.LOGNORMAL_P_STD * normal).float()
+    batch = {
+        "pixel_values": pixels,
+        "reference_image": pixels[:, 0],  # SVD animates its conditioning frame
+        "pose_frames": torch.zeros(0),
+        "hand_weights": torch.ones_like(pixels[:, :, :1]),  # (B, F, 1, H, W): every position weighs 1
+    }
+    return training_step(models, batch, SVD_OBJECTIVE, generator, sigma=sigma).per_sample
 
 
 @torch.no_grad()
-def heldout_unet_loss(unet, vae, image_encoder, clips: torch.Tensor, num_sigmas: int) -> float:
+def heldout_unet_loss(models, clips: torch.Tensor, num_sigmas: int) -> float:
     """Mean loss over held-out clips x fixed sigmas, fixed noise, no dropout: comparable across runs."""
     losses = []
-    for i, sigma in enumerate(heldout_sigmas(num_sigmas)):
+    for i, sigma in enumerate(edm.lognormal_quantiles(num_sigmas)):
         generator = stream_generator(HELDOUT_STREAM, "noise", i)
-        sigmas = sigma.expand(len(clips))
-        losses.append(svd_loss(unet, vae, image_encoder, clips, generator, sigmas, dropout=False))
+        losses.append(svd_loss(models, clips, generator, sigma.expand(len(clips))))
     return float(torch.cat(losses).mean())
 
 
@@ -254,8 +266,11 @@ def train_unet(
 ) -> dict:
     from tqdm.auto import tqdm
 
+    from cnx.train import Models
+
+    models = Models(vae, image_encoder, None, WithoutControl(unet), torch.float32)
     unet.eval()
-    start = heldout_unet_loss(unet, vae, image_encoder, heldout, config.heldout_sigmas)
+    start = heldout_unet_loss(models, heldout, config.heldout_sigmas)
     unet.train().requires_grad_(True)
     optimizer, schedule = _optimizer(unet.parameters(), config.unet_lr, config.unet_steps, config.warmup)
     bar = tqdm(range(config.unet_steps), desc="stage 2: UNet", disable=not progress)
@@ -270,7 +285,7 @@ def train_unet(
             config.height,
         )
         generator = stream_generator("pretrain-unet-noise", config.seed, step)
-        loss = svd_loss(unet, vae, image_encoder, pixels, generator).mean()
+        loss = svd_loss(models, pixels, generator).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
@@ -278,7 +293,7 @@ def train_unet(
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     unet.eval().requires_grad_(False)
-    end = heldout_unet_loss(unet, vae, image_encoder, heldout, config.heldout_sigmas)
+    end = heldout_unet_loss(models, heldout, config.heldout_sigmas)
     print(f"stage 2: held-out loss {start:.4f} (untrained) -> {end:.4f}")
     return {"heldout_loss_start": start, "heldout_loss_end": end}
 
@@ -300,11 +315,12 @@ ControlNeXt training starts from. Same classes and configs as `cnx tiny-model`
 writes (UNet width {unet_width}, VAE width {vae_width}), trained weights.
 
 How it was made, from fresh random synthetic dancers (`cnx.synth`) every step:
-1. VAE (AutoencoderKLTemporalDecoder): {vae_steps} steps of {vae_batch_size} clips x {vae_frames}
-   frames at {width}x{height}, MSE + L1 + {kl_weight} KL; held-out PSNR {psnr_before:.2f} dB
-   (untrained) -> {psnr:.2f} dB. Latent scaling_factor set to {scaling:.5f} (1 / std).
-2. UNet (UNetSpatioTemporalConditionModel), image-to-video without pose: {unet_steps} steps
-   of {batch_size} clips x {num_frames} frames (every {interval}th frame), SVD's EDM objective
+1. VAE (AutoencoderKLTemporalDecoder): {vae_steps} steps, batch size {vae_batch_size}, clips of
+   {vae_frames} frames at {width}x{height}, each clip cropped to {vae_crop}x{vae_crop} (0: whole frames),
+   MSE + {kl_weight} KL; held-out PSNR on whole frames {psnr_before:.2f} dB (untrained) ->
+   {psnr:.2f} dB. Latent scaling_factor set to {scaling:.5f} (1 / std).
+2. UNet (UNetSpatioTemporalConditionModel), image-to-video without pose: {unet_steps} steps,
+   batch size {batch_size}, clips of {num_frames} frames {interval} frames apart, SVD's EDM objective
    conditioned on the first frame (log-normal sigmas, conditioning dropout), VAE and CLIP
    image encoder frozen (the CLIP encoder keeps the stand-in's random weights); held-out
    loss {loss_start:.4f} -> {loss_end:.4f}.
@@ -316,6 +332,20 @@ Figures and timings: pretrain_report.json. Reproduce it (same seed, same weights
 Load it with `StableVideoDiffusionPipeline.from_pretrained(folder)` or
 `cnx.pipeline.ControlNeXtSVDPipeline.from_pretrained(folder)`.
 """
+
+
+def readme(report: dict) -> str:
+    """The folder's README.md, from its pretrain_report.json."""
+    vae, unet = report["vae"], report["unet"]
+    return README.format(
+        **report["config"],
+        psnr_before=vae["heldout_psnr_untrained"],
+        psnr=vae["heldout_psnr"],
+        scaling=vae["scaling_factor"],
+        loss_start=unet["heldout_loss_start"],
+        loss_end=unet["heldout_loss_end"],
+        command=report["command"],
+    )
 
 
 def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), progress: bool = True) -> dict:
@@ -364,20 +394,13 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
             "scaling_factor": vae.config.scaling_factor,
         },
         "unet": unet_report | {"steps": config.unet_steps, "seconds": round(unet_seconds, 1)},
-        "heldout": {"clips": config.heldout_clips, "sigmas": heldout_sigmas(config.heldout_sigmas).tolist()},
+        "heldout": {
+            "clips": config.heldout_clips,
+            "sigmas": edm.lognormal_quantiles(config.heldout_sigmas).tolist(),
+        },
         "command": command_line(out_dir, config),
     }
-    (out_dir / "README.md").write_text(
-        README.format(
-            **asdict(config),
-            psnr_before=vae_report["heldout_psnr_untrained"],
-            psnr=vae_report["heldout_psnr"],
-            scaling=vae.config.scaling_factor,
-            loss_start=unet_report["heldout_loss_start"],
-            loss_end=unet_report["heldout_loss_end"],
-            command=report["command"],
-        )
-    )
+    (out_dir / "README.md").write_text(readme(report))
     report["weights_and_readme_bytes"] = folder_size(out_dir)
     (out_dir / "pretrain_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -393,9 +416,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Path, PretrainConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cnx.profiles import quiet_known_warnings
     from cnx.tiny import folder_size
 
     out_dir, config = parse_args(argv)
+    quiet_known_warnings()
     started = time.perf_counter()
     report = pretrain(out_dir, config)
     vae, unet = report["vae"], report["unet"]

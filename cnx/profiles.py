@@ -1,4 +1,4 @@
-"""Run profiles: `tiny` (laptop CPU, bundled samples, stand-in SVD) and `full` (the original setting).
+"""Run profiles: `tiny` (laptop CPU, bundled samples, pretrained tiny SVD) and `full` (the original setting).
 
 One variable switches a notebook between them: `CNX_PROFILE=full` in the
 environment, or `setup_notebook("full")`.
@@ -34,16 +34,18 @@ class Profile:
 
 
 _VALIDATION = DATA_SAMPLES / "validation"
+# The pretrained tiny SVD (`cnx pretrain-tiny`, trained on synthetic dancers at 128x192).
+TINY_SVD = DATA_SAMPLES / "tiny_svd"
 
 TINY = Profile(
     name="tiny",
-    pretrained_model_name_or_path=str(CACHE_DIR / "tiny-svd"),
+    pretrained_model_name_or_path=str(TINY_SVD),
     meta_info_path=str(DATA_SAMPLES / "meta_info.json"),
     validation_image_folder=str(_VALIDATION / "ground_truth"),
     validation_control_folder=str(_VALIDATION / "pose"),
     validation_image=str(_VALIDATION / "reference_image.png"),
-    width=64,
-    height=96,
+    width=128,  # the pretrained tiny SVD's resolution: limbs a few pixels wide
+    height=192,
     sample_n_frames=8,
     interval_frame=3,
     mixed_precision="no",
@@ -76,13 +78,12 @@ def get_profile(name: str | None = None) -> Profile:
     return profile
 
 
-def ensure_model(profile: Profile, seed: int = 0) -> Profile:
-    """Build the stand-in SVD on first use for the tiny profile (a hub id is left to diffusers)."""
+def ensure_model(profile: Profile) -> Profile:
+    """Stop, naming the command that makes it, when a local pipeline folder is missing (hub ids: later)."""
     path = Path(profile.pretrained_model_name_or_path)
-    if profile.name == "tiny" and not (path / "model_index.json").exists():
-        from cnx.tiny import write_tiny_svd
-
-        write_tiny_svd(path, seed=seed, unet_width=profile.unet_width)
+    if path.is_absolute() and not (path / "model_index.json").is_file():
+        hint = f"cnx pretrain-tiny {path}" if path == TINY_SVD else f"cnx tiny-model {path}"
+        raise FileNotFoundError(f"{path}: no SVD pipeline folder (model_index.json); make it with `{hint}`")
     return profile
 
 
@@ -125,6 +126,6 @@ def setup_notebook(name: str | None = None, seed: int = 0) -> Profile:
     """First cell of every notebook: pick the profile, seed, make sure the model exists."""
     profile = get_profile(name)
     quiet_known_warnings(cpu=profile.mixed_precision == "no")
-    profile = ensure_model(profile, seed=seed)
+    profile = ensure_model(profile)
     seed_everything(seed)
     return profile

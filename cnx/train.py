@@ -59,12 +59,21 @@ class StepOutput:
     sigma: torch.Tensor  # (B,) float32
 
 
-def training_step(models: Models, batch: dict, options, generator: torch.Generator) -> StepOutput:
+def training_step(
+    models: Models,
+    batch: dict,
+    options,
+    generator: torch.Generator,
+    sigma: torch.Tensor | None = None,
+    control_scale: float | None = None,
+) -> StepOutput:
     """The loss of one batch: latents, conditioning and its dropout, noise, the UNet with the control.
 
     batch: `cnx.data.ClipDataset` items collated: pixel_values (B, F, 3, H, W) in [-1, 1],
     pose_frames (B, F, 3, H, W) in [0, 1], reference_image (B, 3, H, W), hand_weights
     (B, F, 1, H, W). Every random draw comes from `generator`, in a fixed order.
+    Held-out evaluation fixes the noise level `sigma` (B,) and the `control_scale`:
+    then nothing is dropped and no sigma is drawn.
     """
     device = models.vae.device
     pixels = batch["pixel_values"].to(device)
@@ -79,17 +88,22 @@ def training_step(models: Models, batch: dict, options, generator: torch.Generat
         models.image_encoder, reference, models.feature_extractor
     ).float()  # (B, 1, D)
 
-    # Conditioning dropout: the unconditional case drops all three together (pitfall 12).
-    dropout = conditioning.sample_conditioning_dropout(
-        batch_size,
-        generator,
-        conditioning_dropout_prob=options.conditioning_dropout_prob,
-        control_scale=options.control_scale,
-    )
-    embeddings, reference_latents = dropout.apply(embeddings, reference_latents)
+    if sigma is None:
+        # Conditioning dropout: the unconditional case drops all three together (pitfall 12).
+        dropout = conditioning.sample_conditioning_dropout(
+            batch_size,
+            generator,
+            conditioning_dropout_prob=options.conditioning_dropout_prob,
+            control_scale=options.control_scale,
+        )
+        embeddings, reference_latents = dropout.apply(embeddings, reference_latents)
+        sigma = edm.sample_sigmas(batch_size, options.sigma_sampler, generator)  # (B,)
+    else:
+        scale = options.control_scale if control_scale is None else control_scale
+        dropout = conditioning.ConditioningDropout.keep_all(batch_size, control_scale=scale)
 
     # Noise and preconditioning, in float32 (pitfall 11).
-    sigma = edm.sample_sigmas(batch_size, options.sigma_sampler, generator).to(device)  # (B,)
+    sigma = sigma.to(device)
     noise = edm.gaussian_noise(latents, generator)
     noisy = edm.add_noise(latents, sigma, noise)  # (B, F, C, h, w)
     c_noise = edm.precondition(sigma)[3]
@@ -410,7 +424,9 @@ def build_models(options, device, weight_dtype: torch.dtype):
     if options.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     for frozen in (vae, image_encoder):
-        frozen.requires_grad_(False).eval().to(device, weight_dtype)
+        frozen.requires_grad_(False).eval().to(device)
+        if frozen.dtype != weight_dtype:  # diffusers warns on every `to(dtype)`, even a no-op
+            frozen.to(weight_dtype)
     return Models(vae, image_encoder, feature_extractor, model, weight_dtype), scheduler
 
 

@@ -231,3 +231,11 @@ def test_check_finite_loss_names_the_step_and_the_sigma():
         edm.check_finite_loss(torch.tensor([0.1, float("nan")]), step=17, sigma=torch.tensor([3.0, 0.25]))
     with pytest.raises(FloatingPointError, match="step 4"):
         edm.check_finite_loss(torch.tensor(float("inf")), step=4)
+
+
+def test_lognormal_quantiles_are_ordered_and_centred_on_the_median():
+    sigmas = edm.lognormal_quantiles(4)
+    assert torch.all(sigmas[1:] > sigmas[:-1])
+    assert float(sigmas.log().mean()) == pytest.approx(edm.LOGNORMAL_P_MEAN, abs=1e-5)
+    # The median quantile of an odd count is the log-normal's median.
+    assert float(edm.lognormal_quantiles(3)[1]) == pytest.approx(math.exp(edm.LOGNORMAL_P_MEAN), rel=1e-5)

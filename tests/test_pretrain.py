@@ -14,8 +14,8 @@ from cnx.pipeline import ControlNeXtSVDPipeline
 from cnx.pretrain import (
     PretrainConfig,
     cosine_lr,
-    heldout_sigmas,
     parse_args,
+    random_crop,
     synthetic_batch,
 )
 from cnx.tiny import build_tiny_components
@@ -23,7 +23,7 @@ from cnx.tiny import build_tiny_components
 SHORT = [
     "--seed", "3",
     "--width", "64", "--height", "64",
-    "--vae_steps", "4", "--vae_batch_size", "1", "--vae_frames", "2",
+    "--vae_steps", "4", "--vae_batch_size", "1", "--vae_frames", "2", "--vae_crop", "32",
     "--unet_steps", "2", "--num_frames", "2",
     "--heldout_clips", "1", "--heldout_sigmas", "2", "--warmup", "2",
 ]  # fmt: skip
@@ -111,21 +111,31 @@ def test_fresh_dancers_every_step_and_heldout_apart():
     assert not torch.equal(first[0], first[1])  # every clip of a batch its own dancer
 
 
-def test_schedule_and_heldout_sigmas():
+def test_schedule():
     assert cosine_lr(0, 100, 10) == pytest.approx(0.1) and cosine_lr(10, 100, 10) == pytest.approx(1.0)
     assert cosine_lr(100, 100, 10) == pytest.approx(0.0, abs=1e-9)
-    sigmas = heldout_sigmas(4)
-    assert torch.all(sigmas[1:] > sigmas[:-1])
-    assert float(sigmas.log().mean()) == pytest.approx(0.7, abs=1e-5)  # symmetric about the median
 
 
 def test_the_global_rng_is_left_alone():
     from cnx.pretrain import PretrainConfig, train_vae
 
     _, vae, _, _ = build_tiny_components(0)
-    config = PretrainConfig(width=32, height=32, vae_steps=1, vae_batch_size=1, warmup=1)
+    config = PretrainConfig(width=32, height=32, vae_steps=1, vae_batch_size=1, vae_crop=16, warmup=1)
     heldout = synthetic_batch(("heldout",), 1, 2, 3, 32, 32)
     torch.manual_seed(123)
     state = torch.get_rng_state()
     train_vae(vae, config, heldout, progress=False)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_vae_crops_are_windows_of_the_clip_at_multiples_of_8():
+    clips = torch.arange(2 * 2 * 3 * 48 * 32, dtype=torch.float32).reshape(2, 2, 3, 48, 32)
+    crops = random_crop(clips, 16, np.random.default_rng(0))
+    assert crops.shape == (2, 2, 3, 16, 16)
+    for clip, crop in zip(clips, crops, strict=True):
+        y, x = np.argwhere(clip[0, 0].numpy() == float(crop[0, 0, 0, 0]))[0]
+        assert y % 8 == 0 and x % 8 == 0
+        assert torch.equal(clip[..., y : y + 16, x : x + 16], crop)  # the same window in every frame
+    assert random_crop(clips, 0, np.random.default_rng(0)) is clips
+    with pytest.raises(ValueError, match="vae_crop"):
+        random_crop(clips, 12, np.random.default_rng(0))

@@ -1,8 +1,9 @@
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from cnx.profiles import PROFILES, ensure_model, get_profile
+from cnx.profiles import PROFILES, TINY_SVD, ensure_model, get_profile
 
 
 def test_tiny_is_the_default_and_the_environment_overrides(monkeypatch):
@@ -26,7 +27,17 @@ def test_unknown_profile_names_the_choices():
         get_profile("huge")
 
 
-def test_tiny_model_is_built_on_first_use(tmp_path):
+def test_the_tiny_profile_uses_the_shipped_pretrained_model():
+    profile = get_profile("tiny")
+    assert Path(profile.pretrained_model_name_or_path) == TINY_SVD
+    assert ensure_model(profile) is profile  # shipped in data_samples: nothing to build
+
+
+def test_a_missing_model_folder_stops_with_the_command_that_makes_it(tmp_path):
     profile = replace(PROFILES["tiny"], pretrained_model_name_or_path=str(tmp_path / "svd"))
-    ensure_model(profile)
-    assert (tmp_path / "svd" / "model_index.json").exists()
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'svd'}.*cnx tiny-model"):
+        ensure_model(profile)
+    missing_pretrained = replace(PROFILES["tiny"], pretrained_model_name_or_path=str(TINY_SVD) + "-gone")
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        ensure_model(missing_pretrained)
+    assert ensure_model(PROFILES["full"]) is PROFILES["full"]  # a hub id is diffusers' business

@@ -1,0 +1,122 @@
+"""Does ControlNeXt training learn? Train from the pretrained tiny SVD, measure before and after.
+
+    .venv/bin/python benchmarks/convergence.py                 # about 4 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/convergence.py --seed 1 --json figures.json -- --max_train_steps=100
+
+Trains ControlNeXt on `data_samples` through the real entry point (`python -m
+cnx.train` in a subprocess) with the tiny profile's options from `cnx.launch`
+(the run `make demo` makes, validation off), then measures the model training
+started from (the pretrained tiny SVD with ControlNeXt's seeded initial weights,
+rebuilt exactly as `cnx.train` builds it) and the trained one on held-out dancers
+(`cnx samples --seed 1`, which `data_samples` does not hold), with the control at
+the trained scale and off (`cnx.convergence`):
+
+- the held-out loss at fixed sigmas with fixed noise (lower is better);
+- the control fidelity of sampled videos (`cnx.metrics.control_fidelity`, lower is better).
+
+It prints a table and the verdicts that `tests/test_convergence.py` asserts in CI: the
+loss falls, the control lowers the held-out loss, the fidelity with the control improves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from cnx import convergence
+from cnx.launch import profile_options
+from cnx.options import VALIDATION_FLAGS
+from cnx.profiles import DATA_SAMPLES, get_profile, quiet_known_warnings
+
+
+def training_options(out_dir: Path, seed: int, extra: list[str]):
+    """The tiny profile's options (`make demo`'s run) with another seed, no validation or logs."""
+    options = profile_options("tiny", [f"--seed={seed}", "--report_to=none", *extra], str(out_dir / "output"))
+    return replace(options, **dict.fromkeys(VALIDATION_FLAGS))  # measured here instead
+
+
+def train(options) -> float:
+    """Run `python -m cnx.train` with `options`; its wall time in seconds. Stops on failure."""
+    command = [sys.executable, "-m", "cnx.train", *options.as_argv()]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=_environment())
+    if done.returncode != 0:
+        sys.exit(f"training failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return time.perf_counter() - started
+
+
+def _environment() -> dict:
+    import os
+
+    return os.environ | {"CNX_PROGRESS": "off"}
+
+
+def verdicts(start: convergence.Figures, end: convergence.Figures) -> dict[str, bool]:
+    return {
+        "the held-out loss falls": end.loss < start.loss,
+        "the control lowers the held-out loss": end.loss < end.loss_no_control,
+        "control fidelity improves": end.fidelity < start.fidelity,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0, help="the training run's --seed")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--work_dir", type=Path, default=None, help="keep the run here (default: temporary)")
+    parser.add_argument("extra", nargs="*", help="training flags, e.g. -- --max_train_steps=100")
+    args = parser.parse_args(argv)
+    quiet_known_warnings()
+
+    with tempfile.TemporaryDirectory(prefix="cnx-convergence-") as tmp:
+        work = args.work_dir or Path(tmp)
+        options = training_options(work, args.seed, args.extra)
+        heldout_meta = convergence.write_heldout(work / "heldout")
+        batches = convergence.heldout_batches(heldout_meta, options)
+        validations = convergence.validation_sets(
+            [
+                (work / "heldout" / "validation", work / "heldout" / "keypoints" / "validation.npz"),
+                (DATA_SAMPLES / "validation", DATA_SAMPLES / "keypoints" / "validation.npz"),
+            ],
+            options.num_frames,
+        )
+        started = time.perf_counter()
+        before = convergence.measure(convergence.initial_pipeline(options), batches, validations, options)
+        measure_seconds = time.perf_counter() - started
+        train_seconds = train(options)
+        trained = convergence.trained_pipeline(options, Path(options.output_dir) / "final")
+        after = convergence.measure(trained, batches, validations, options)
+
+    result = {
+        "model": get_profile("tiny").pretrained_model_name_or_path,
+        "steps": options.max_train_steps,
+        "seed": args.seed,
+        "learning_rate": options.learning_rate,
+        "trainable": options.trainable,
+        "control_scale": options.control_scale,
+        "train_seconds": round(train_seconds, 1),
+        "measure_seconds": round(measure_seconds, 1),
+        "step_0": asdict(before),
+        "end": asdict(after),
+        "verdicts": verdicts(before, after),
+    }
+    print(f"{options.max_train_steps} steps, seed {args.seed}: training {train_seconds:.0f} s, ", end="")
+    print(f"one measurement {measure_seconds:.0f} s")
+    print(f"{'':28}{'step 0':>10}{'end':>10}")
+    for key in ("loss", "loss_no_control", "fidelity", "fidelity_no_control"):
+        print(f"{key:28}{result['step_0'][key]:10.4f}{result['end'][key]:10.4f}")
+    for claim, holds in result["verdicts"].items():
+        print(f"{'yes' if holds else 'NO ':4} {claim}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Does ControlNeXt training learn? Held-out figures of a model, before and after training.
+
+Two figures on dancers no training step sees, each with the control at the
+trained scale and off (scale 0):
+
+- the denoising loss at fixed sigmas with fixed noise (`heldout_loss`): every
+  model sees the same draws, so a difference is the weights' alone;
+- the control fidelity of sampled videos (`cnx.metrics.control_fidelity`, lower
+  is better): does the generated dancer stand where the driving poses say.
+
+Training learns when the loss falls, the control lowers the loss, and the
+fidelity of videos sampled with the control improves. `benchmarks/convergence.py`
+measures all of it around a real training run; notebook 05 shows it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cnx import edm
+from cnx.seeding import stream_generator
+
+HELDOUT_SEED = 1  # `cnx samples --seed` of the held-out dancers (data_samples is seed 0)
+HELDOUT_STREAM = "convergence-heldout"  # the noise of the held-out loss: no training step draws it
+SAMPLING_STEPS = 12  # sampler steps of the scored videos
+
+
+def write_heldout(out_dir: str | Path, num_clips: int = 2, num_frames: int = 48) -> Path:
+    """Held-out dancers in the training format (seed HELDOUT_SEED); returns their meta_info.json."""
+    from cnx.synth import write_samples
+
+    return write_samples(out_dir, seed=HELDOUT_SEED, num_clips=num_clips, num_frames=num_frames)
+
+
+def heldout_batches(meta_info_path: str | Path, options) -> list[dict]:
+    """One batch per clip, each the same for every call: centred crop, frames from the start."""
+    from cnx.data import ClipDataset
+
+    dataset = ClipDataset(
+        meta_info_path,
+        options.width,
+        options.height,
+        options.sample_n_frames,
+        max(options.interval_frame, 1),
+        deterministic=True,
+    )
+    return [torch.utils.data.default_collate([dataset[i]]) for i in range(len(dataset))]
+
+
+def models_of(pipe):
+    """The training step's `Models` for a `ControlNeXtSVDPipeline`'s components (float32)."""
+    from cnx.controlnext import ControlNeXtSVD
+    from cnx.train import Models
+
+    model = ControlNeXtSVD(pipe.unet, pipe.controlnext)
+    return Models(pipe.vae, pipe.image_encoder, pipe.feature_extractor, model, torch.float32)
+
+
+@torch.no_grad()
+def heldout_loss(models, batches: list[dict], options, control_scale: float, num_sigmas: int = 4) -> float:
+    """Mean training loss over clips x `num_sigmas` fixed sigmas (log-normal quantiles), fixed noise."""
+    from cnx.train import training_step
+
+    losses = []
+    for b, batch in enumerate(batches):
+        for i, sigma in enumerate(edm.lognormal_quantiles(num_sigmas)):
+            generator = stream_generator(HELDOUT_STREAM, b, i)
+            sigmas = sigma.expand(len(batch["pixel_values"]))
+            out = training_step(models, batch, options, generator, sigma=sigmas, control_scale=control_scale)
+            losses.append(out.per_sample)
+    return float(torch.cat(losses).mean())
+
+
+def validation_sets(folders: list[tuple[Path, Path]], num_frames: int):
+    """ValidationSets from (folder with ground_truth/, pose/, reference_image.png; its keypoints .npz)."""
+    from cnx.validate import read_validation_set
+
+    return [
+        read_validation_set(
+            folder / "ground_truth", folder / "pose", folder / "reference_image.png", keypoints, num_frames
+        )
+        for folder, keypoints in folders
+    ]
+
+
+@torch.no_grad()
+def sampled_fidelity(pipe, validations, options, control_scale: float, steps: int = SAMPLING_STEPS) -> dict:
+    """Mean metrics (`cnx.validate.score`) of videos sampled for each validation set, fixed seeds."""
+    from cnx.generate import to_uint8
+    from cnx.validate import score
+
+    results = []
+    for i, validation in enumerate(validations):
+        frames = pipe(
+            validation.reference,
+            validation.poses,
+            height=options.height,
+            width=options.width,
+            num_inference_steps=steps,
+            control_scale=control_scale,
+            generator=stream_generator(HELDOUT_STREAM, "sample", i),
+            output_type="np",
+        ).frames[0]
+        results.append(score(to_uint8(frames), validation, options.height, options.width))
+    return {key: sum(r[key] for r in results) / len(results) for key in results[0]}
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The held-out figures of one model (see the module docstring); lower is better for all four."""
+
+    loss: float  # with the control at the trained scale
+    loss_no_control: float  # control scale 0
+    fidelity: float  # control fidelity score of videos sampled with the control
+    fidelity_no_control: float
+
+
+def measure(pipe, batches, validations, options, num_sigmas: int = 4, steps: int = SAMPLING_STEPS) -> Figures:
+    """All four figures of the model in `pipe` (a ControlNeXtSVDPipeline)."""
+    models = models_of(pipe)
+    scale = options.control_scale
+    return Figures(
+        loss=heldout_loss(models, batches, options, scale, num_sigmas),
+        loss_no_control=heldout_loss(models, batches, options, 0.0, num_sigmas),
+        fidelity=sampled_fidelity(pipe, validations, options, scale, steps)["control_score"],
+        fidelity_no_control=sampled_fidelity(pipe, validations, options, 0.0, steps)["control_score"],
+    )
+
+
+def initial_pipeline(options):
+    """The pipeline training starts from: the pretrained SVD and ControlNeXt's seeded initial weights."""
+    from cnx.pipeline import ControlNeXtSVDPipeline
+    from cnx.train import build_models
+
+    models, scheduler = build_models(options, "cpu", torch.float32)
+    controlnext_svd = models.model
+    pipe = ControlNeXtSVDPipeline(
+        models.vae,
+        models.image_encoder,
+        controlnext_svd.unet,
+        scheduler,
+        models.feature_extractor,
+        controlnext_svd.controlnext,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def trained_pipeline(options, weights_path: str | Path):
+    """The pipeline with the weights a training run wrote (an export, or a checkpoint exported here)."""
+    import tempfile
+
+    from cnx.export import export_checkpoint
+    from cnx.generate import find_trained_weights, load_pipeline
+    from cnx.train import checkpoint_step
+
+    path = Path(weights_path)
+    if checkpoint_step(path) is not None and not (path / "controlnext").is_dir():  # training state only
+        exported = Path(tempfile.mkdtemp(prefix=f"cnx-{path.name}-"))
+        export_checkpoint(path, exported, True, options.pretrained_model_name_or_path)
+        path = exported
+    controlnext, unet = find_trained_weights(path)
+    pipe = load_pipeline(options.pretrained_model_name_or_path, controlnext, unet, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_options(folder: str | Path):
+    """The TrainingOptions of a run folder (`cnx launch`), its relative paths made absolute."""
+    from dataclasses import replace
+
+    from cnx.options import TrainingOptions
+
+    folder = Path(folder).resolve()
+    options = TrainingOptions.from_json(folder / "training_options.json")
+    local = {
+        name: str(folder / value)
+        for name in ("pretrained_model_name_or_path", "output_dir")
+        if (value := getattr(options, name)) and (folder / value).exists()
+    }
+    return replace(options, **local)
+
+
+def read_steps(output_dir: str | Path) -> list[dict]:
+    """The records of `logs/steps.jsonl`, one per optimizer step."""
+    import json
+
+    lines = (Path(output_dir) / "logs" / "steps.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def long_sequence(folder: str | Path, name: str, num_frames: int, interval: int):
+    """A ValidationSet of `num_frames` frames, `interval` apart, from a written clip (`write_heldout`).
+
+    Its reference is the clip's first frame; it has the clip's known keypoints, so it scores.
+    """
+    from cnx.pose import load_keypoints
+    from cnx.validate import ValidationSet
+    from cnx.video import container_info, read_frames
+
+    folder = Path(folder)
+    video = folder / "videos" / f"{name}.mp4"
+    indices = list(range(0, num_frames * interval, interval))
+    available = container_info(video).num_frames
+    if indices[-1] >= available:
+        raise ValueError(f"{video}: {available} frames, too few for {num_frames} frames {interval} apart")
+    truth = read_frames(video, indices)  # (F, H, W, 3) uint8
+    poses = read_frames(folder / "poses" / f"{name}.mp4", indices)
+    track = load_keypoints(folder / "keypoints" / f"{name}.npz")
+    keypoints = {k: track[k][indices] for k in ("body", "body_scores", "hands", "hand_scores")}
+    return ValidationSet(truth[0], poses, truth, keypoints)
