@@ -14,8 +14,16 @@ the trained scale and off (`cnx.convergence`):
 - the held-out loss at fixed sigmas with fixed noise (lower is better);
 - the control fidelity of sampled videos (`cnx.metrics.control_fidelity`, lower is better).
 
-It prints a table and the verdicts that `tests/test_convergence.py` asserts in CI: the
-loss falls, the control lowers the held-out loss, the fidelity with the control improves.
+It prints a table and three verdicts: the loss falls, the control lowers the held-out
+loss, the fidelity with the control improves. Measured (2 CPU cores, about 3.5 minutes a run):
+
+    seed  loss step 0 -> end   end, control off   fidelity step 0 -> end
+    0     0.3951 -> 0.3806     0.3904             0.1720 -> 0.1863
+    1     0.3953 -> 0.3968     0.4025             0.1721 -> 0.1703
+    2     0.3956 -> 0.3925     0.3944             0.1725 -> 0.1670
+
+Only "the control lowers the held-out loss" held at every seed; `tests/test_convergence.py`
+asserts that one in CI.
 """
 
 from __future__ import annotations
