@@ -1,0 +1,42 @@
+"""`cnx.convergence`'s readers of run folders and written clips (the benchmark itself: test_convergence)."""
+
+import numpy as np
+import pytest
+
+from cnx import convergence
+from cnx.options import parse_options
+from cnx.synth import write_samples
+
+
+def test_run_options_makes_the_run_folders_relative_paths_absolute(tmp_path):
+    (tmp_path / "tiny_svd").mkdir()
+    (tmp_path / "output").mkdir()
+    options = parse_options(
+        [
+            "--pretrained_model_name_or_path=tiny_svd",
+            "--meta_info_path=/data/meta.json",
+            "--output_dir=output",
+        ]
+    )
+    options.to_json(tmp_path / "training_options.json")
+    read = convergence.run_options(tmp_path)
+    assert read.pretrained_model_name_or_path == str(tmp_path.resolve() / "tiny_svd")
+    assert read.output_dir == str(tmp_path.resolve() / "output")
+    assert read.meta_info_path == "/data/meta.json"  # absolute paths stay as they are
+
+
+def test_long_sequence_takes_every_nth_frame_with_its_keypoints(tmp_path):
+    write_samples(tmp_path, num_clips=1, num_frames=12, width=64, height=96)
+    clip = convergence.long_sequence(tmp_path, "dancer_000", num_frames=6, interval=2)
+    assert clip.ground_truth.shape == (6, 96, 64, 3) and clip.poses.shape == (6, 96, 64, 3)
+    assert np.array_equal(clip.reference, clip.ground_truth[0])
+    track = np.load(tmp_path / "keypoints" / "dancer_000.npz")
+    assert np.array_equal(clip.keypoints["body"], track["body"][0:12:2])
+    with pytest.raises(ValueError, match="dancer_000.mp4: 12 frames, too few for 7 frames 2 apart"):
+        convergence.long_sequence(tmp_path, "dancer_000", num_frames=7, interval=2)
+
+
+def test_read_steps_reads_one_record_per_line(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "steps.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n\n')
+    assert convergence.read_steps(tmp_path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
