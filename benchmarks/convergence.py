@@ -1,6 +1,6 @@
 """Does ControlNeXt training learn? Train from the pretrained tiny SVD, measure before and after.
 
-    .venv/bin/python benchmarks/convergence.py                 # about 4 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/convergence.py                 # about 3.5 minutes on 2 CPU cores
     .venv/bin/python benchmarks/convergence.py --seed 1 --json figures.json -- --max_train_steps=100
 
 Trains ControlNeXt on `data_samples` through the real entry point (`python -m
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,7 @@ from pathlib import Path
 from cnx import convergence
 from cnx.launch import profile_options
 from cnx.options import VALIDATION_FLAGS
-from cnx.profiles import DATA_SAMPLES, get_profile, quiet_known_warnings
+from cnx.profiles import get_profile, quiet_known_warnings
 
 
 def training_options(out_dir: Path, seed: int, extra: list[str]):
@@ -53,16 +54,10 @@ def train(options) -> float:
     """Run `python -m cnx.train` with `options`; its wall time in seconds. Stops on failure."""
     command = [sys.executable, "-m", "cnx.train", *options.as_argv()]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=_environment())
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"CNX_PROGRESS": "off"})
     if done.returncode != 0:
         sys.exit(f"training failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return time.perf_counter() - started
-
-
-def _environment() -> dict:
-    import os
-
-    return os.environ | {"CNX_PROGRESS": "off"}
 
 
 def verdicts(start: convergence.Figures, end: convergence.Figures) -> dict[str, bool]:
@@ -87,13 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         options = training_options(work, args.seed, args.extra)
         heldout_meta = convergence.write_heldout(work / "heldout")
         batches = convergence.heldout_batches(heldout_meta, options)
-        validations = convergence.validation_sets(
-            [
-                (work / "heldout" / "validation", work / "heldout" / "keypoints" / "validation.npz"),
-                (DATA_SAMPLES / "validation", DATA_SAMPLES / "keypoints" / "validation.npz"),
-            ],
-            options.num_frames,
-        )
+        validations = convergence.validation_sets(work / "heldout", options.num_frames)
         started = time.perf_counter()
         before = convergence.measure(convergence.initial_pipeline(options), batches, validations, options)
         measure_seconds = time.perf_counter() - started

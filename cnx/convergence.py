@@ -74,15 +74,20 @@ def heldout_loss(models, batches: list[dict], options, control_scale: float, num
     return float(torch.cat(losses).mean())
 
 
-def validation_sets(folders: list[tuple[Path, Path]], num_frames: int):
-    """ValidationSets from (folder with ground_truth/, pose/, reference_image.png; its keypoints .npz)."""
+def validation_sets(heldout_dir: str | Path, num_frames: int):
+    """The two held-out validation dancers with their keypoints: `data_samples`' and `write_heldout`'s."""
+    from cnx.profiles import DATA_SAMPLES
     from cnx.validate import read_validation_set
 
     return [
         read_validation_set(
-            folder / "ground_truth", folder / "pose", folder / "reference_image.png", keypoints, num_frames
+            root / "validation" / "ground_truth",
+            root / "validation" / "pose",
+            root / "validation" / "reference_image.png",
+            root / "keypoints" / "validation.npz",
+            num_frames,
         )
-        for folder, keypoints in folders
+        for root in (DATA_SAMPLES, Path(heldout_dir))
     ]
 
 
