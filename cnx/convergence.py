@@ -4,12 +4,17 @@ Two figures on dancers no training step sees, each with the control at the
 trained scale and off (scale 0):
 
 - the denoising loss at fixed sigmas with fixed noise (`heldout_loss`): every
-  model sees the same draws, so a difference is the weights' alone;
-- the control fidelity of sampled videos (`cnx.metrics.control_fidelity`, lower
-  is better): does the generated dancer stand where the driving poses say.
+  model sees the same draws, so a difference is the weights' alone. It is also
+  taken with each clip's poses in reverse order (`reversed_poses`): the same
+  poses at the wrong times. A model that reads the poses does better with the
+  right ones; one that merely got used to the control's features does not;
+- the control fidelity of sampled videos (`cnx.metrics.control_fidelity`): its
+  score (lower is better) and its contrast (higher is better, 0 for a video
+  that does not move): does the generated dancer stand where the driving poses say.
 
-Training learns when the loss falls, the control lowers the loss, and the
-fidelity of videos sampled with the control improves. `benchmarks/convergence.py`
+Training learns when the loss falls, the right poses lower the loss more than
+no control and than the same poses reversed, and the fidelity of videos sampled
+with the control improves. `benchmarks/convergence.py`
 measures all of it around a real training run; notebook 05 shows it.
 """
 
@@ -26,6 +31,13 @@ from cnx.seeding import stream_generator
 HELDOUT_SEED = 1  # `cnx samples --seed` of the held-out dancers (data_samples is seed 0)
 HELDOUT_STREAM = "convergence-heldout"  # the noise of the held-out loss: no training step draws it
 SAMPLING_STEPS = 12  # sampler steps of the scored videos
+# The scored videos are sampled without classifier-free guidance: its unconditional half drops the
+# control too, so guidance would scale what the control does; without it the figure is the model's
+# own, and sampling is twice as fast.
+SAMPLING_GUIDANCE = 1.0
+HELDOUT_FRAMES = (
+    8  # frames per held-out clip: the pretrained tiny SVD's num_frames, whatever the run trains on
+)
 
 
 def write_heldout(out_dir: str | Path, num_clips: int = 2, num_frames: int = 48) -> Path:
@@ -36,18 +48,23 @@ def write_heldout(out_dir: str | Path, num_clips: int = 2, num_frames: int = 48)
 
 
 def heldout_batches(meta_info_path: str | Path, options) -> list[dict]:
-    """One batch per clip, each the same for every call: centred crop, frames from the start."""
+    """One batch per clip, each the same for every call: centred crop, HELDOUT_FRAMES from the start."""
     from cnx.data import ClipDataset
 
     dataset = ClipDataset(
         meta_info_path,
         options.width,
         options.height,
-        options.sample_n_frames,
+        HELDOUT_FRAMES,
         max(options.interval_frame, 1),
         deterministic=True,
     )
     return [torch.utils.data.default_collate([dataset[i]]) for i in range(len(dataset))]
+
+
+def reversed_poses(batches: list[dict]) -> list[dict]:
+    """The same batches with every clip's pose frames in reverse order (B, F, 3, H, W) -> flipped F."""
+    return [batch | {"pose_frames": batch["pose_frames"].flip(1)} for batch in batches]
 
 
 def models_of(pipe):
@@ -106,6 +123,7 @@ def sampled_fidelity(pipe, validations, options, control_scale: float, steps: in
             width=options.width,
             num_inference_steps=steps,
             control_scale=control_scale,
+            max_guidance_scale=SAMPLING_GUIDANCE,
             generator=stream_generator(HELDOUT_STREAM, "sample", i),
             output_type="np",
         ).frames[0]
@@ -115,23 +133,31 @@ def sampled_fidelity(pipe, validations, options, control_scale: float, steps: in
 
 @dataclass(frozen=True)
 class Figures:
-    """The held-out figures of one model (see the module docstring); lower is better for all four."""
+    """The held-out figures of one model (see the module docstring); lower is better but for contrast."""
 
     loss: float  # with the control at the trained scale
     loss_no_control: float  # control scale 0
+    loss_reversed_poses: float  # control at the trained scale, each clip's poses in reverse order
     fidelity: float  # control fidelity score of videos sampled with the control
     fidelity_no_control: float
+    contrast: float  # control fidelity contrast of the same videos: > 0 when they follow the poses
+    contrast_no_control: float
 
 
 def measure(pipe, batches, validations, options, num_sigmas: int = 4, steps: int = SAMPLING_STEPS) -> Figures:
     """All four figures of the model in `pipe` (a ControlNeXtSVDPipeline)."""
     models = models_of(pipe)
     scale = options.control_scale
+    on = sampled_fidelity(pipe, validations, options, scale, steps)
+    off = sampled_fidelity(pipe, validations, options, 0.0, steps)
     return Figures(
         loss=heldout_loss(models, batches, options, scale, num_sigmas),
         loss_no_control=heldout_loss(models, batches, options, 0.0, num_sigmas),
-        fidelity=sampled_fidelity(pipe, validations, options, scale, steps)["control_score"],
-        fidelity_no_control=sampled_fidelity(pipe, validations, options, 0.0, steps)["control_score"],
+        loss_reversed_poses=heldout_loss(models, reversed_poses(batches), options, scale, num_sigmas),
+        fidelity=on["control_score"],
+        fidelity_no_control=off["control_score"],
+        contrast=on["control_contrast"],
+        contrast_no_control=off["control_contrast"],
     )
 
 

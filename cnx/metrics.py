@@ -11,7 +11,12 @@ generated frame t and driving pose u (`pose_disagreement`):
 - untimed: mean_u min_t S[t, u], does the video show each pose at all.
 A video with the right poses in the wrong order fails only the first; one that
 ignores the poses (a still image) fails both. `control_fidelity` reports both
-and their mean (lower is better). Two scorers fill S:
+and their mean (lower is better), and a third figure that only motion can earn:
+- contrast: mean_t (mean_{u != t} S[t, u] - S[t, t]), how much better each frame
+  shows its own pose than the others (higher is better). A still video scores 0
+  whatever it looks like, and an offset common to a frame's row (a colour cast,
+  a washed-out decoder) cancels, so it tells "follows the poses" apart from
+  "looks like the reference". Two scorers fill S:
 - `AppearanceScorer` for synthetic dancers, whose poses are known exactly:
   colours sampled along each limb of the driving pose in the generated frame
   against colours along the same limb of the reference pose in the reference
@@ -277,13 +282,21 @@ def pose_disagreement(frames, poses: Poses, scorer: Callable) -> np.ndarray:
 
 
 def control_fidelity(frames, poses: Poses, scorer: Callable) -> dict[str, float]:
-    """{"timed", "untimed", "score"}: see the module docstring; lower is better, 0 is perfect."""
+    """{"timed", "untimed", "score", "contrast"}: see the module docstring.
+
+    Lower is better and 0 is perfect for the first three; higher is better for the contrast.
+    """
     matrix = pose_disagreement(frames, poses, scorer)
     if matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"{matrix.shape[0]} frames for {matrix.shape[1]} driving poses")
-    timed = float(np.diag(matrix).mean())
+    if len(matrix) < 2:
+        raise ValueError("control fidelity needs at least 2 frames")
+    own = np.diag(matrix)  # (F,)
+    others = (matrix.sum(axis=1) - own) / (len(matrix) - 1)  # (F,) mean over the other poses
+    timed = float(own.mean())
     untimed = float(matrix.min(axis=0).mean())
-    return {"timed": timed, "untimed": untimed, "score": (timed + untimed) / 2}
+    contrast = float((others - own).mean())
+    return {"timed": timed, "untimed": untimed, "score": (timed + untimed) / 2, "contrast": contrast}
 
 
 # ---------------------------------------------------------------------------------------------

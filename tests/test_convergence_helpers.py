@@ -40,3 +40,13 @@ def test_read_steps_reads_one_record_per_line(tmp_path):
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "steps.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n\n')
     assert convergence.read_steps(tmp_path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
+
+
+def test_reversed_poses_flips_only_the_pose_frames_in_time():
+    import torch
+
+    batch = {"pose_frames": torch.arange(2 * 3).reshape(1, 3, 2, 1, 1).float(), "pixel_values": torch.ones(1)}
+    (flipped,) = convergence.reversed_poses([batch])
+    assert flipped["pose_frames"][0, :, :, 0, 0].tolist() == [[4, 5], [2, 3], [0, 1]]
+    assert flipped["pixel_values"] is batch["pixel_values"]
+    assert batch["pose_frames"][0, 0, 0, 0, 0] == 0  # the input batch is left as it was

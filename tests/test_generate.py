@@ -131,5 +131,7 @@ def test_generate_and_validate_on_the_tiny_model(tmp_path, export, tiny_svd_dir)
     record = json.loads((tmp_path / "val" / "metrics.json").read_text())
     assert record["frames"] == 14 and (record["width"], record["height"]) == (64, 96)
     expected = {"psnr", "ssim", "l1", "temporal_error", "psnr_person", "ssim_person"}
-    assert expected | {"control_timed", "control_untimed", "control_score"} == set(record["metrics"])
+    assert expected | {"control_timed", "control_untimed", "control_score", "control_contrast"} == set(
+        record["metrics"]
+    )
     assert all(np.isfinite(v) for v in record["metrics"].values())

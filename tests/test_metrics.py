@@ -84,6 +84,23 @@ def test_control_fidelity_ranks_truth_then_shuffled_poses_then_a_still_image(siz
     assert min(s["score"] for s in shuffled) > 4 * truth["score"]  # right poses, wrong times
     assert still["score"] > 1.4 * max(s["score"] for s in shuffled)  # the poses ignored
     assert still["untimed"] > 5 * truth["untimed"] and all(s["untimed"] == truth["untimed"] for s in shuffled)
+    # Only motion that follows the poses earns contrast; a still video has none, whatever it shows.
+    assert truth["contrast"] > 0.05 > max(s["contrast"] for s in shuffled)
+    assert still["contrast"] == pytest.approx(0, abs=1e-12)
+
+
+def test_contrast_ignores_an_offset_common_to_a_frames_row():
+    matrix = np.random.default_rng(0).random((6, 6))
+    shifted = matrix + np.arange(6)[:, None] * 0.1  # frame t worse at every pose by 0.1 t
+    scorer = lambda m: lambda frames, poses: m  # noqa: E731
+    frames = np.zeros((6, 4, 4, 3), np.uint8)
+    poses = metrics.Poses(np.zeros((6, 18, 2)), np.ones((6, 18)))
+    plain = metrics.control_fidelity(frames, poses, scorer(matrix))
+    assert metrics.control_fidelity(frames, poses, scorer(shifted))["contrast"] == pytest.approx(
+        plain["contrast"]
+    )
+    others = [(matrix[t].sum() - matrix[t, t]) / 5 for t in range(6)]
+    assert plain["contrast"] == pytest.approx(np.mean([others[t] - matrix[t, t] for t in range(6)]))
 
 
 def test_detector_scorer_uses_any_keypoint_detector():
@@ -116,6 +133,7 @@ def test_video_metrics_collects_what_the_inputs_allow():
         "control_timed",
         "control_untimed",
         "control_score",
+        "control_contrast",
     }
     assert result["ssim"] == pytest.approx(1.0, abs=1e-4)
     assert result["l1"] == 0 and result["temporal_error"] == 0
