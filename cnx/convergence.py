@@ -35,9 +35,8 @@ SAMPLING_STEPS = 12  # sampler steps of the scored videos
 # control too, so guidance would scale what the control does; without it the figure is the model's
 # own, and sampling is twice as fast.
 SAMPLING_GUIDANCE = 1.0
-HELDOUT_FRAMES = (
-    8  # frames per held-out clip: the pretrained tiny SVD's num_frames, whatever the run trains on
-)
+# Frames per held-out clip: the pretrained tiny SVD's num_frames, whatever the run trains on.
+HELDOUT_FRAMES = 8
 
 
 def write_heldout(out_dir: str | Path, num_clips: int = 2, num_frames: int = 48) -> Path:
@@ -133,7 +132,7 @@ def sampled_fidelity(pipe, validations, options, control_scale: float, steps: in
 
 @dataclass(frozen=True)
 class Figures:
-    """The held-out figures of one model (see the module docstring); lower is better but for contrast."""
+    """The held-out figures of one model (see the module docstring); lower is better except for contrast."""
 
     loss: float  # with the control at the trained scale
     loss_no_control: float  # control scale 0
@@ -145,7 +144,7 @@ class Figures:
 
 
 def measure(pipe, batches, validations, options, num_sigmas: int = 4, steps: int = SAMPLING_STEPS) -> Figures:
-    """All four figures of the model in `pipe` (a ControlNeXtSVDPipeline)."""
+    """All the figures of the model in `pipe` (a ControlNeXtSVDPipeline)."""
     models = models_of(pipe)
     scale = options.control_scale
     on = sampled_fidelity(pipe, validations, options, scale, steps)

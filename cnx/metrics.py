@@ -284,18 +284,17 @@ def pose_disagreement(frames, poses: Poses, scorer: Callable) -> np.ndarray:
 def control_fidelity(frames, poses: Poses, scorer: Callable) -> dict[str, float]:
     """{"timed", "untimed", "score", "contrast"}: see the module docstring.
 
-    Lower is better and 0 is perfect for the first three; higher is better for the contrast.
+    Lower is better and 0 is perfect for the first three; higher is better for the contrast,
+    which is 0 for a single frame (there is no other pose to compare with).
     """
     matrix = pose_disagreement(frames, poses, scorer)
     if matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"{matrix.shape[0]} frames for {matrix.shape[1]} driving poses")
-    if len(matrix) < 2:
-        raise ValueError("control fidelity needs at least 2 frames")
     own = np.diag(matrix)  # (F,)
-    others = (matrix.sum(axis=1) - own) / (len(matrix) - 1)  # (F,) mean over the other poses
+    others = (matrix.sum(axis=1) - own) / max(len(matrix) - 1, 1)  # (F,) mean over the other poses
     timed = float(own.mean())
     untimed = float(matrix.min(axis=0).mean())
-    contrast = float((others - own).mean())
+    contrast = float((others - own).mean()) if len(matrix) > 1 else 0.0
     return {"timed": timed, "untimed": untimed, "score": (timed + untimed) / 2, "contrast": contrast}
 
 

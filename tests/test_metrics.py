@@ -99,6 +99,8 @@ def test_contrast_ignores_an_offset_common_to_a_frames_row():
     assert metrics.control_fidelity(frames, poses, scorer(shifted))["contrast"] == pytest.approx(
         plain["contrast"]
     )
+    one_pose = metrics.Poses(poses.body[:1], poses.body_scores[:1])
+    assert metrics.control_fidelity(frames[:1], one_pose, scorer(matrix[:1, :1]))["contrast"] == 0
     others = [(matrix[t].sum() - matrix[t, t]) / 5 for t in range(6)]
     assert plain["contrast"] == pytest.approx(np.mean([others[t] - matrix[t, t] for t in range(6)]))
 
