@@ -48,7 +48,7 @@ from pathlib import Path
 from cnx import convergence
 from cnx.launch import profile_options
 from cnx.options import VALIDATION_FLAGS
-from cnx.profiles import get_profile, quiet_known_warnings
+from cnx.profiles import quiet_known_warnings
 
 
 def training_options(out_dir: Path, seed: int, extra: list[str]):
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         after = convergence.measure(trained, batches, validations, options)
 
     result = {
-        "model": get_profile("tiny").pretrained_model_name_or_path,
+        "model": options.pretrained_model_name_or_path,
         "steps": options.max_train_steps,
         "seed": args.seed,
         "learning_rate": options.learning_rate,

@@ -188,12 +188,12 @@ def trained_pipeline(options, weights_path: str | Path):
     from cnx.train import checkpoint_step
 
     path = Path(weights_path)
-    if checkpoint_step(path) is not None and not (path / "controlnext").is_dir():  # training state only
-        exported = Path(tempfile.mkdtemp(prefix=f"cnx-{path.name}-"))
-        export_checkpoint(path, exported, True, options.pretrained_model_name_or_path)
-        path = exported
-    controlnext, unet = find_trained_weights(path)
-    pipe = load_pipeline(options.pretrained_model_name_or_path, controlnext, unet, device="cpu")
+    with tempfile.TemporaryDirectory(prefix=f"cnx-{path.name}-") as tmp:  # gone once the weights are loaded
+        if checkpoint_step(path) is not None and not (path / "controlnext").is_dir():  # training state only
+            export_checkpoint(path, Path(tmp), True, options.pretrained_model_name_or_path)
+            path = Path(tmp)
+        controlnext, unet = find_trained_weights(path)
+        pipe = load_pipeline(options.pretrained_model_name_or_path, controlnext, unet, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -7,7 +7,7 @@ ControlNeXt training starts from, with the same component classes and configs
 as `cnx.tiny.write_tiny_svd`, in two stages on fresh synthetic clips
 (`cnx.synth`: a new random dancer for every clip of every step):
 
-1. the VAE (`AutoencoderKLTemporalDecoder`): reconstruction, MSE + L1 on pixels
+1. the VAE (`AutoencoderKLTemporalDecoder`): reconstruction, MSE on pixels (of crops)
    plus a small KL term, the temporal decoder decoding clips of `vae_frames`
    frames; scored by PSNR on held-out dancers (`cnx.metrics.psnr`);
 2. the UNet as an image-to-video model without pose: SVD's objective exactly as
