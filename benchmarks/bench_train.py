@@ -222,11 +222,11 @@ class RecomputeMeter:
                 handle.remove()
 
 
-def count_flops(bench: Bench, batch: dict) -> tuple[int, bool]:
+def count_flops(bench: Bench, batch: dict) -> tuple[int, bool] | None:
     """(FLOPs of one training step without checkpointing, exact?): see the module docstring.
 
     Where that step does not fit, the checkpointed step is counted and the recomputation
-    counted during its backward is taken off again.
+    counted during its backward is taken off again. None: not even that step fits.
     """
     bench.net.disable_gradient_checkpointing()
     try:
@@ -240,13 +240,21 @@ def count_flops(bench: Bench, batch: dict) -> tuple[int, bool]:
     bench.optimizer.zero_grad(set_to_none=True)
     release_memory(bench.device)
     bench.net.enable_gradient_checkpointing()
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-        with RecomputeMeter(counter).hooks() as recompute:
-            loss = bench.loss(batch)
-            recompute.active = True
-            loss.backward()
+    try:
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+            with RecomputeMeter(counter).hooks() as recompute:
+                loss = bench.loss(batch)
+                recompute.active = True
+                loss.backward()
+        counted = counter.get_total_flops() - recompute.flops, False
+    except RuntimeError as err:
+        if not out_of_memory(err):
+            raise
+        counted = None
+    loss = None  # the graph of a step that ran out of memory in backward, freed before the release
     bench.optimizer.zero_grad(set_to_none=True)
-    return counter.get_total_flops() - recompute.flops, False
+    release_memory(bench.device)
+    return counted
 
 
 def time_steps(bench: Bench, batch: dict, checkpointing: bool, warmup: int, steps: int):
@@ -397,7 +405,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for num_frames in sizes.frames:
         batch = random_batch(args.batch_size, num_frames, sizes.height, sizes.width)
-        flops, exact = count_flops(bench, batch)
+        counted = count_flops(bench, batch)
+        if counted is None:
+            print(f"\n{num_frames} frames: out of memory, with gradient checkpointing too")
+            continue
+        flops, exact = counted
         if not bench.optimizer.state:  # every row starts with the optimizer state in place
             bench.net.enable_gradient_checkpointing()
             bench.trainer_step(batch)
