@@ -67,6 +67,40 @@ class PretrainConfig:
     heldout_sigmas: int = 4  # noise levels per held-out clip (quantiles of the log-normal)
     warmup: int = 50  # learning-rate warm-up steps of both stages
 
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, one line each (empty: fine), found before any training."""
+        found = []
+        for name in ("width", "height"):
+            if getattr(self, name) < 16 or getattr(self, name) % 16:
+                found.append(
+                    f"--{name} must be a positive multiple of 16 (VAE 8x, UNet 2x), got {getattr(self, name)}"
+                )
+        for name in ("unet_width", "vae_width"):
+            if getattr(self, name) < 32 or getattr(self, name) % 32:
+                found.append(
+                    f"--{name} must be a positive multiple of 32 (32 norm groups), got {getattr(self, name)}"
+                )
+        counts = ("vae_batch_size", "vae_frames", "batch_size", "num_frames", "interval", "heldout_clips")
+        for name in (*counts, "heldout_sigmas"):
+            if getattr(self, name) < 1:
+                found.append(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("vae_steps", "unet_steps", "warmup"):
+            if getattr(self, name) < 0:
+                found.append(f"--{name} must not be negative, got {getattr(self, name)}")
+        for name in ("vae_lr", "unet_lr"):
+            if not getattr(self, name) > 0:
+                found.append(f"--{name} must be positive, got {getattr(self, name)}")
+        if not self.kl_weight >= 0:
+            found.append(f"--kl_weight must not be negative, got {self.kl_weight}")
+        if self.vae_crop and (
+            self.vae_crop < 0 or self.vae_crop % 8 or self.vae_crop > min(self.width, self.height)
+        ):
+            found.append(
+                f"--vae_crop must be 0 or a multiple of 8 that fits {self.width}x{self.height}, "
+                f"got {self.vae_crop}"
+            )
+        return found
+
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic clips
@@ -353,6 +387,8 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
     from cnx.tiny import build_tiny_components, folder_size
 
     out_dir = Path(out_dir)
+    if problems := config.problems():
+        raise ValueError("; ".join(problems))
     with torch.random.fork_rng():  # nothing here draws from the global RNG; leave it as it was anyway
         unet, vae, image_encoder, scheduler = build_tiny_components(
             config.seed, config.unet_width, config.vae_width, config.num_frames
@@ -412,7 +448,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Path, PretrainConfig]:
     for name, value in asdict(PretrainConfig()).items():
         parser.add_argument(f"--{name}", type=type(value), default=value)
     args = vars(parser.parse_args(argv))
-    return args.pop("out_dir"), PretrainConfig(**args)
+    out_dir, config = args.pop("out_dir"), PretrainConfig(**args)
+    if problems := config.problems():
+        parser.error("\n".join(problems))
+    return out_dir, config
 
 
 def main(argv: list[str] | None = None) -> int:

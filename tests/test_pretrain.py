@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from cnx.pretrain import (
     PretrainConfig,
     cosine_lr,
     parse_args,
+    pretrain,
     random_crop,
     synthetic_batch,
 )
@@ -139,3 +141,29 @@ def test_vae_crops_are_windows_of_the_clip_at_multiples_of_8():
     assert random_crop(clips, 0, np.random.default_rng(0)) is clips
     with pytest.raises(ValueError, match="vae_crop"):
         random_crop(clips, 12, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--width", "100"], "--width"),
+        (["--vae_width", "48"], "--vae_width"),
+        (["--vae_crop", "60"], "--vae_crop"),
+        (["--vae_crop", "256"], "--vae_crop"),
+        (["--num_frames", "0"], "--num_frames"),
+        (["--heldout_clips", "0"], "--heldout_clips"),
+        (["--kl_weight", "-1"], "--kl_weight"),
+        (["--unet_lr", "0"], "--unet_lr"),
+        (["--vae_steps", "-5"], "--vae_steps"),
+    ],
+)
+def test_bad_flags_stop_before_any_training(flags, named, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parse_args([str(tmp_path / "out"), *flags])
+    assert stopped.value.code == 2 and named in capsys.readouterr().err
+    # `pretrain` itself refuses the same settings before it builds or writes anything.
+    name, value = flags[0][2:], flags[1]
+    config = replace(PretrainConfig(), **{name: type(getattr(PretrainConfig(), name))(value)})
+    with pytest.raises(ValueError, match=named):
+        pretrain(tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()
