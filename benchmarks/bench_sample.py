@@ -11,6 +11,10 @@ Rows, all measured in the same run on the same inputs:
 The ratio column divides by the baseline. `--svd_xt` builds SVD-xt's UNet, VAE
 and image encoder from their configurations with random weights (nothing is
 downloaded) at 576x1024 in half precision and reports peak GPU memory.
+
+Measured on one H100 80GB HBM3, `--svd_xt --frames 14 --repeats 1` (25 steps): diffusers'
+SVD 0.781 s/frame and 15.0 GiB; cnx with control and guidance 0.915 s/frame (1.17x) and
+15.2 GiB; without guidance 0.551 (0.71x); in windows of 14 sharing 4, 0.914 (1.17x).
 """
 
 from __future__ import annotations

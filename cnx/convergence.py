@@ -198,6 +198,21 @@ def trained_pipeline(options, weights_path: str | Path):
     return pipe
 
 
+@torch.no_grad()
+def through_vae(vae, frames):
+    """(F, H, W, 3) uint8 frames encoded and decoded by `vae` (latent means, all frames in one clip).
+
+    The best any generated video can look: the UNet only ever makes latents, and this VAE
+    turns them into pixels.
+    """
+    from cnx.generate import to_uint8
+    from cnx.pretrain import reconstruct
+
+    clip = torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float() / 127.5 - 1  # (1, F, 3, H, W)
+    decoded = reconstruct(vae, clip.to(vae.device, vae.dtype))[0].float().cpu()  # in [-1, 1]
+    return to_uint8(((decoded + 1) / 2).permute(0, 2, 3, 1).numpy())
+
+
 def run_options(folder: str | Path):
     """The TrainingOptions of a run folder (`cnx launch`), its relative paths made absolute."""
     from dataclasses import replace

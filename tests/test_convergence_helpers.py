@@ -50,3 +50,23 @@ def test_reversed_poses_flips_only_the_pose_frames_in_time():
     assert flipped["pose_frames"][0, :, :, 0, 0].tolist() == [[4, 5], [2, 3], [0, 1]]
     assert flipped["pixel_values"] is batch["pixel_values"]
     assert batch["pose_frames"][0, 0, 0, 0, 0] == 0  # the input batch is left as it was
+
+
+def test_through_vae_is_the_vaes_round_trip():
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    from cnx.metrics import psnr
+    from cnx.profiles import TINY
+    from cnx.synth import random_dancer, render_frame
+    from cnx.tiny import build_tiny_components
+
+    dancer = random_dancer(np.random.default_rng(0), num_frames=4, width=TINY.width, height=TINY.height)
+    frames = np.stack([render_frame(dancer, t)[0] for t in range(4)])  # (4, H, W, 3) uint8
+    pretrained = AutoencoderKLTemporalDecoder.from_pretrained(
+        TINY.pretrained_model_name_or_path, subfolder="vae"
+    )
+    decoded = convergence.through_vae(pretrained, frames)
+    assert decoded.shape == frames.shape and decoded.dtype == np.uint8
+    # Measured: 17.3 dB through the pretrained VAE, 13.3 through the random stand-in's.
+    untrained = convergence.through_vae(build_tiny_components(0)[1].eval(), frames)
+    assert psnr(decoded, frames).mean() > psnr(untrained, frames).mean() + 2
