@@ -46,7 +46,7 @@ no row fits without gradient checkpointing:
 
 So the original command (full training, 21 frames) does not fit one 80 GB GPU unsharded. Its
 README runs it with DeepSpeed ZeRO-2 over 8 GPUs, which shards the AdamW state and gradients
-(about 18 and 6 GiB of the figures above); that setting is not measured here.
+(about 11 and 6 GiB of the figures above); that setting is not measured here.
 """
 
 from __future__ import annotations
