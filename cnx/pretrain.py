@@ -8,8 +8,9 @@ as `cnx.tiny.write_tiny_svd`, in two stages on fresh synthetic clips
 (`cnx.synth`: a new random dancer for every clip of every step):
 
 1. the VAE (`AutoencoderKLTemporalDecoder`): reconstruction, MSE on pixels (of crops)
-   plus a small KL term, the temporal decoder decoding clips of `vae_frames`
-   frames; scored by PSNR on held-out dancers (`cnx.metrics.psnr`);
+   plus a small KL term and a colour anchor (`vae_loss`), the temporal decoder
+   decoding clips of `vae_frames` frames; scored by PSNR on held-out dancers
+   (`cnx.metrics.psnr`); optionally stored in half precision (`cast_weights`);
 2. the UNet as an image-to-video model without pose: SVD's objective exactly as
    `cnx.train.training_step` computes it (first frame -> reference latent and
    CLIP embedding, log-normal sigmas, EDM preconditioning, conditioning
@@ -51,13 +52,15 @@ class PretrainConfig:
     width: int = 128  # frame width in pixels (the tiny profile's)
     height: int = 192  # frame height in pixels
     unet_width: int = 32  # first UNet block width, as the stand-in's (SVD: 320)
-    vae_width: int = 32  # VAE block width, as the stand-in's; 64 would pass the 12 MB folder budget
+    vae_width: int = 32  # VAE block width, as the stand-in's (64 keeps colour: see the project README)
     vae_steps: int = 2400  # VAE optimizer steps
     vae_batch_size: int = 4  # clips per VAE step
     vae_frames: int = 2  # frames per VAE clip: the temporal decoder decodes them together
     vae_crop: int = 64  # square crop of every VAE clip, a multiple of 8 (0: whole frames)
     vae_lr: float = 1e-3  # AdamW, cosine decay to 0 after a short warm-up
     kl_weight: float = 1e-6  # weight of the summed KL per frame (Stable Diffusion's VAE: 1e-6)
+    colour_anchor: float = 0.0  # weight of the latents' colour anchor (`vae_loss`); 0: none
+    vae_float16: bool = False  # store the VAE in float16 (half the bytes; it loads as float32)
     unet_steps: int = 1800  # UNet optimizer steps
     batch_size: int = 1  # clips per UNet step
     num_frames: int = 8  # frames per UNet clip, and the pipeline's default frame count
@@ -90,8 +93,9 @@ class PretrainConfig:
         for name in ("vae_lr", "unet_lr"):
             if not getattr(self, name) > 0:
                 found.append(f"--{name} must be positive, got {getattr(self, name)}")
-        if not self.kl_weight >= 0:
-            found.append(f"--kl_weight must not be negative, got {self.kl_weight}")
+        for name in ("kl_weight", "colour_anchor"):
+            if not getattr(self, name) >= 0:
+                found.append(f"--{name} must not be negative, got {getattr(self, name)}")
         if self.vae_crop and (
             self.vae_crop < 0 or self.vae_crop % 8 or self.vae_crop > min(self.width, self.height)
         ):
@@ -164,15 +168,28 @@ def random_crop(clips: torch.Tensor, size: int, rng: np.random.Generator) -> tor
     return torch.stack(windows)
 
 
-def vae_loss(vae, clips: torch.Tensor, kl_weight: float, generator: torch.Generator) -> torch.Tensor:
-    """MSE of the reconstruction of (B, F, 3, H, W) clips, plus kl_weight * KL per frame."""
+def vae_loss(
+    vae, clips: torch.Tensor, kl_weight: float, generator: torch.Generator, colour_anchor: float = 0.0
+) -> torch.Tensor:
+    """MSE of the reconstruction of (B, F, 3, H, W) clips, plus kl_weight * KL per frame, plus
+    colour_anchor * MSE between the posterior mean's first three channels and the frames
+    averaged over the 8x8 pixels each latent covers.
+
+    Why the anchor: on MSE alone the tiny VAE spends its 4 channels on brightness and edges,
+    and its reconstructions stay grey for thousands of steps (chroma error equal to the
+    chroma variance, measured). Pinning three channels to the local colour gives the decoder
+    colour from the first step and leaves latents that look like a small image, as SVD's do.
+    """
     num_frames = clips.shape[1]
     frames = clips.flatten(0, 1)  # (B*F, 3, H, W)
     posterior = vae.encode(frames).latent_dist
     latents = posterior.sample(generator=generator)  # (B*F, 4, H/8, W/8)
     recon = vae.decode(latents, num_frames=num_frames).sample  # (B*F, 3, H, W)
-    error = recon - frames
-    return error.square().mean() + kl_weight * posterior.kl().mean()
+    loss = (recon - frames).square().mean() + kl_weight * posterior.kl().mean()
+    if colour_anchor:
+        colour = torch.nn.functional.avg_pool2d(frames, 8)  # (B*F, 3, H/8, W/8)
+        loss = loss + colour_anchor * (posterior.mean[:, :3] - colour).square().mean()
+    return loss
 
 
 @torch.no_grad()
@@ -198,6 +215,20 @@ def latent_scaling_factor(vae, clips: torch.Tensor) -> float:
     """1 / std of the held-out latents (Stable Diffusion's recipe): scaled latents have std ~1."""
     latents = vae.encode(clips.flatten(0, 1)).latent_dist.mode()
     return float(round(1.0 / latents.std().item(), 5))
+
+
+def cast_weights(module: torch.nn.Module, *dtypes: torch.dtype) -> torch.nn.Module:
+    """Cast the weights in place through each dtype in turn.
+
+    With `vae_float16` the VAE is stored in float16 (half the bytes: a 64-wide VAE then fits the
+    12 MB folder). `from_pretrained` loads float16 files as float32 unless told a dtype, so
+    after stage 1 its weights are rounded through float16 and kept float32: the held-out PSNR
+    and the UNet stage see exactly what users load.
+    """
+    for param in module.parameters():
+        for dtype in dtypes:
+            param.data = param.data.to(dtype)
+    return module
 
 
 def train_vae(vae, config: PretrainConfig, heldout: torch.Tensor, progress: bool = True) -> dict:
@@ -226,9 +257,8 @@ def train_vae(vae, config: PretrainConfig, heldout: torch.Tensor, progress: bool
         clips = random_crop(
             clips, config.vae_crop, np.random.default_rng(derive_seed("pretrain-crop", config.seed, step))
         )
-        loss = vae_loss(
-            vae, clips, config.kl_weight, stream_generator("pretrain-vae-noise", config.seed, step)
-        )
+        noise = stream_generator("pretrain-vae-noise", config.seed, step)
+        loss = vae_loss(vae, clips, config.kl_weight, noise, config.colour_anchor)
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -238,6 +268,8 @@ def train_vae(vae, config: PretrainConfig, heldout: torch.Tensor, progress: bool
             bar.write(f"stage 1: step {step + 1}: held-out PSNR {heldout_psnr(vae.eval(), heldout):.2f} dB")
             vae.train()
     vae.eval().requires_grad_(False)
+    if config.vae_float16:
+        cast_weights(vae, torch.float16, torch.float32)  # what is stored and what users load
     after = heldout_psnr(vae, heldout)
     print(f"stage 1: held-out PSNR {before:.2f} dB (untrained) -> {after:.2f} dB ({len(heldout)} clips)")
     return {"heldout_psnr_untrained": before, "heldout_psnr": after}
@@ -351,8 +383,8 @@ writes (UNet width {unet_width}, VAE width {vae_width}), trained weights.
 How it was made, from fresh random synthetic dancers (`cnx.synth`) every step:
 1. VAE (AutoencoderKLTemporalDecoder): {vae_steps} steps, batch size {vae_batch_size}, clips of
    {vae_frames} frames at {width}x{height}, each clip cropped to {vae_crop}x{vae_crop} (0: whole frames),
-   MSE + {kl_weight} KL; held-out PSNR on whole frames {psnr_before:.2f} dB (untrained) ->
-   {psnr:.2f} dB. Latent scaling_factor set to {scaling:.5f} (1 / std).
+   MSE + {kl_weight} KL{anchor}; held-out PSNR on whole frames {psnr_before:.2f} dB (untrained) ->
+   {psnr:.2f} dB.{storage} Latent scaling_factor set to {scaling:.5f} (1 / std).
 2. UNet (UNetSpatioTemporalConditionModel), image-to-video without pose: {unet_steps} steps,
    batch size {batch_size}, clips of {num_frames} frames {interval} frames apart, SVD's EDM objective
    conditioned on the first frame (log-normal sigmas, conditioning dropout), VAE and CLIP
@@ -370,9 +402,14 @@ Load it with `StableVideoDiffusionPipeline.from_pretrained(folder)` or
 
 def readme(report: dict) -> str:
     """The folder's README.md, from its pretrain_report.json."""
-    vae, unet = report["vae"], report["unet"]
+    vae, unet, config = report["vae"], report["unet"], report["config"]
+    anchor = config.get("colour_anchor", 0)
     return README.format(
-        **report["config"],
+        **config,
+        anchor=f" + {anchor} x colour anchor (latent channels 0-2 towards each 8x8 block's mean colour)"
+        if anchor
+        else "",
+        storage=" Weights stored in float16 (they load as float32)." if config.get("vae_float16") else "",
         psnr_before=vae["heldout_psnr_untrained"],
         psnr=vae["heldout_psnr"],
         scaling=vae["scaling_factor"],
@@ -420,6 +457,8 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
         unet_report = train_unet(unet, vae, image_encoder, config, heldout_clips, progress)
         unet_seconds = time.perf_counter() - started
 
+    if config.vae_float16:
+        cast_weights(vae, torch.float16)
     save_svd_folder(out_dir, unet, vae, image_encoder, scheduler)
     report = {
         "config": asdict(config),
@@ -442,11 +481,18 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
     return report
 
 
+def _true_or_false(text: str) -> bool:
+    if text not in ("True", "False"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return text == "True"
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[Path, PretrainConfig]:
     parser = argparse.ArgumentParser(prog="cnx pretrain-tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="folder to write the pipeline into")
     for name, value in asdict(PretrainConfig()).items():
-        parser.add_argument(f"--{name}", type=type(value), default=value)
+        kind = _true_or_false if isinstance(value, bool) else type(value)
+        parser.add_argument(f"--{name}", type=kind, default=value)
     args = vars(parser.parse_args(argv))
     out_dir, config = args.pop("out_dir"), PretrainConfig(**args)
     if problems := config.problems():

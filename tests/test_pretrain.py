@@ -8,17 +8,20 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers import StableVideoDiffusionPipeline
+from diffusers import AutoencoderKLTemporalDecoder, StableVideoDiffusionPipeline
 from safetensors.torch import load_file
 
 from cnx.pipeline import ControlNeXtSVDPipeline
 from cnx.pretrain import (
+    HELDOUT_STREAM,
     PretrainConfig,
     cosine_lr,
+    heldout_psnr,
     parse_args,
     pretrain,
     random_crop,
     synthetic_batch,
+    vae_loss,
 )
 from cnx.tiny import build_tiny_components
 
@@ -28,6 +31,7 @@ SHORT = [
     "--vae_steps", "4", "--vae_batch_size", "1", "--vae_frames", "2", "--vae_crop", "32",
     "--unet_steps", "2", "--num_frames", "2",
     "--heldout_clips", "1", "--heldout_sigmas", "2", "--warmup", "2",
+    "--colour_anchor", "0.5", "--vae_float16", "True",
 ]  # fmt: skip
 WEIGHTS = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
 
@@ -58,7 +62,8 @@ def test_the_folder_loads_as_svd_and_as_controlnext_pipeline(runs):
             == json.loads((folder / "pretrain_report.json").read_text())["vae"]["scaling_factor"]
         )
     # The same classes and configs as the stand-in, apart from the trained latent scaling factor.
-    unet, vae, _, _ = build_tiny_components(3, num_frames=2)
+    config = PretrainConfig(**json.loads((folder / "pretrain_report.json").read_text())["config"])
+    unet, vae, _, _ = build_tiny_components(3, config.unet_width, config.vae_width, num_frames=2)
 
     def plain(config):  # as written to config.json: tuples become lists
         return json.loads(
@@ -87,6 +92,33 @@ def test_report_and_readme(runs):
 def test_even_a_short_run_improves_the_vae_on_heldout_frames(runs):
     report = json.loads((runs[0][0] / "pretrain_report.json").read_text())
     assert report["vae"]["heldout_psnr"] > report["vae"]["heldout_psnr_untrained"] + 0.1
+
+
+def test_a_float16_vae_loads_as_float32_and_its_reported_psnr_is_that_of_the_stored_weights(runs):
+    folder, _ = runs[0]
+    assert {t.dtype for t in load_file(folder / WEIGHTS[1]).values()} == {torch.float16}
+    vae = AutoencoderKLTemporalDecoder.from_pretrained(folder / "vae")
+    assert vae.dtype == torch.float32  # loaded for float32 compute unless told otherwise
+    report = json.loads((folder / "pretrain_report.json").read_text())
+    config = PretrainConfig(**report["config"])
+    heldout = synthetic_batch(
+        (HELDOUT_STREAM, "vae"),
+        config.heldout_clips,
+        config.vae_frames,
+        config.interval,
+        config.width,
+        config.height,
+    )
+    assert heldout_psnr(vae, heldout) == pytest.approx(report["vae"]["heldout_psnr"], abs=1e-4)
+
+
+def test_the_colour_anchor_pulls_three_latent_channels_towards_the_8x8_mean_colour():
+    _, vae, _, _ = build_tiny_components(0)
+    clips = synthetic_batch(("anchor",), 1, 2, 3, 32, 48)  # (1, 2, 3, 48, 32)
+    loss = {w: vae_loss(vae, clips, 0.0, torch.Generator().manual_seed(0), w) for w in (0.0, 2.0)}
+    mean = vae.encode(clips[0]).latent_dist.mean[:, :3]  # (2, 3, 6, 4)
+    colour = clips[0].reshape(2, 3, 6, 8, 4, 8).mean(dim=(3, 5))  # (2, 3, 6, 4): each 8x8 block's mean
+    assert float(loss[2.0] - loss[0.0]) == pytest.approx(2 * float((mean - colour).square().mean()), rel=1e-5)
 
 
 def test_the_same_seed_gives_the_same_bytes(runs):
@@ -143,6 +175,13 @@ def test_vae_crops_are_windows_of_the_clip_at_multiples_of_8():
         random_crop(clips, 12, np.random.default_rng(0))
 
 
+def test_true_or_false_flags_take_only_those_words(tmp_path, capsys):
+    assert parse_args([str(tmp_path), "--vae_float16", "False"])[1].vae_float16 is False
+    with pytest.raises(SystemExit):
+        parse_args([str(tmp_path), "--vae_float16", "yes"])
+    assert "--vae_float16" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
@@ -153,6 +192,7 @@ def test_vae_crops_are_windows_of_the_clip_at_multiples_of_8():
         (["--num_frames", "0"], "--num_frames"),
         (["--heldout_clips", "0"], "--heldout_clips"),
         (["--kl_weight", "-1"], "--kl_weight"),
+        (["--colour_anchor", "-0.5"], "--colour_anchor"),
         (["--unet_lr", "0"], "--unet_lr"),
         (["--vae_steps", "-5"], "--vae_steps"),
     ],
