@@ -8,8 +8,8 @@ as `cnx.tiny.write_tiny_svd`, in two stages on fresh synthetic clips
 (`cnx.synth`: a new random dancer for every clip of every step):
 
 1. the VAE (`AutoencoderKLTemporalDecoder`): reconstruction, MSE on pixels (of crops)
-   plus a small KL term and a colour anchor (`vae_loss`), the temporal decoder
-   decoding clips of `vae_frames` frames; scored by PSNR on held-out dancers
+   plus a small KL term and, optionally, a colour anchor (`vae_loss`), the temporal
+   decoder decoding clips of `vae_frames` frames; scored by PSNR on held-out dancers
    (`cnx.metrics.psnr`); optionally stored in half precision (`cast_weights`);
 2. the UNet as an image-to-video model without pose: SVD's objective exactly as
    `cnx.train.training_step` computes it (first frame -> reference latent and
@@ -419,6 +419,15 @@ def readme(report: dict) -> str:
     )
 
 
+def heldout_sets(config: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out dancers: (B, vae_frames, 3, H, W) clips for the VAE, (B, num_frames, ...) for the UNet."""
+    size = (config.interval, config.width, config.height)
+    return (
+        synthetic_batch((HELDOUT_STREAM, "vae"), config.heldout_clips, config.vae_frames, *size),
+        synthetic_batch((HELDOUT_STREAM, "unet"), config.heldout_clips, config.num_frames, *size),
+    )
+
+
 def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), progress: bool = True) -> dict:
     """Train both stages and write the pipeline folder, README.md and pretrain_report.json; the report."""
     from cnx.tiny import build_tiny_components, folder_size
@@ -431,22 +440,7 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
             config.seed, config.unet_width, config.vae_width, config.num_frames
         )
         image_encoder.requires_grad_(False).eval()
-        heldout_frames = synthetic_batch(
-            (HELDOUT_STREAM, "vae"),
-            config.heldout_clips,
-            config.vae_frames,
-            config.interval,
-            config.width,
-            config.height,
-        )
-        heldout_clips = synthetic_batch(
-            (HELDOUT_STREAM, "unet"),
-            config.heldout_clips,
-            config.num_frames,
-            config.interval,
-            config.width,
-            config.height,
-        )
+        heldout_frames, heldout_clips = heldout_sets(config)
 
         started = time.perf_counter()
         vae_report = train_vae(vae, config, heldout_frames, progress)

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from cnx.pipeline import ControlNeXtSVDPipeline
 from cnx.pretrain import (
-    HELDOUT_STREAM,
     PretrainConfig,
     cosine_lr,
     heldout_psnr,
+    heldout_sets,
     parse_args,
     pretrain,
     random_crop,
@@ -100,15 +100,7 @@ def test_a_float16_vae_loads_as_float32_and_its_reported_psnr_is_that_of_the_sto
     vae = AutoencoderKLTemporalDecoder.from_pretrained(folder / "vae")
     assert vae.dtype == torch.float32  # loaded for float32 compute unless told otherwise
     report = json.loads((folder / "pretrain_report.json").read_text())
-    config = PretrainConfig(**report["config"])
-    heldout = synthetic_batch(
-        (HELDOUT_STREAM, "vae"),
-        config.heldout_clips,
-        config.vae_frames,
-        config.interval,
-        config.width,
-        config.height,
-    )
+    heldout = heldout_sets(PretrainConfig(**report["config"]))[0]
     assert heldout_psnr(vae, heldout) == pytest.approx(report["vae"]["heldout_psnr"], abs=1e-4)
 
 
