@@ -104,7 +104,7 @@ def test_a_float16_vae_loads_as_float32_and_its_reported_psnr_is_that_of_the_sto
     assert heldout_psnr(vae, heldout) == pytest.approx(report["vae"]["heldout_psnr"], abs=1e-4)
 
 
-def test_the_colour_anchor_pulls_three_latent_channels_towards_the_8x8_mean_colour():
+def test_the_colour_anchor_adds_the_mse_of_three_latent_channels_against_the_8x8_mean_colour():
     _, vae, _, _ = build_tiny_components(0)
     clips = synthetic_batch(("anchor",), 1, 2, 3, 32, 48)  # (1, 2, 3, 48, 32)
     loss = {w: vae_loss(vae, clips, 0.0, torch.Generator().manual_seed(0), w) for w in (0.0, 2.0)}
