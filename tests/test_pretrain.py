@@ -55,14 +55,12 @@ def test_the_folder_loads_as_svd_and_as_controlnext_pipeline(runs):
     svd = StableVideoDiffusionPipeline.from_pretrained(folder)
     ours = ControlNeXtSVDPipeline.from_pretrained(folder)
     assert ours.controlnext is None
+    report = json.loads((folder / "pretrain_report.json").read_text())
     for pipe in (svd, ours):
         assert pipe.unet.config.num_frames == 2
-        assert (
-            pipe.vae.config.scaling_factor
-            == json.loads((folder / "pretrain_report.json").read_text())["vae"]["scaling_factor"]
-        )
+        assert pipe.vae.config.scaling_factor == report["vae"]["scaling_factor"]
     # The same classes and configs as the stand-in, apart from the trained latent scaling factor.
-    config = PretrainConfig(**json.loads((folder / "pretrain_report.json").read_text())["config"])
+    config = PretrainConfig(**report["config"])
     unet, vae, _, _ = build_tiny_components(3, config.unet_width, config.vae_width, num_frames=2)
 
     def plain(config):  # as written to config.json: tuples become lists
