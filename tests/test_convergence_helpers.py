@@ -70,3 +70,25 @@ def test_through_vae_is_the_vaes_round_trip():
     # Measured: 17.3 dB through the pretrained VAE, 13.3 through the random stand-in's.
     untrained = convergence.through_vae(build_tiny_components(0)[1].eval(), frames)
     assert psnr(decoded, frames).mean() > psnr(untrained, frames).mean() + 2
+
+
+def test_remembered_encodes_encode_each_distinct_input_once():
+    import torch
+
+    calls = []
+
+    class CountingVAE(torch.nn.Module):
+        dtype = torch.float32
+
+        def encode(self, pixels):
+            calls.append(pixels.shape)
+            return pixels * 2
+
+    vae = convergence.RememberedEncodes(CountingVAE())
+    frames = torch.rand(2, 3, 8, 8)
+    first = vae.encode(frames)
+    assert vae.encode(frames.clone()) is first  # an equal input: the same output, no second encode
+    assert torch.equal(vae.encode(frames + 1), (frames + 1) * 2)  # another input is encoded
+    frames += 5  # changing the caller's tensor afterwards does not change what was remembered
+    assert torch.equal(vae.encode(frames), frames * 2)
+    assert len(calls) == 3 and vae.dtype == torch.float32  # attributes are the VAE's
