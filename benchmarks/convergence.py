@@ -27,11 +27,12 @@ It prints a table and five verdicts. Measured with the tiny profile's 600 steps
 
 All five verdicts hold at every seed: the loss falls, the right poses beat both no control and the
 same poses reversed (at step 0 the untrained control raises the loss by 0.8% and the order of the
-poses makes no difference), and videos sampled with the trained control score better than before
-and than without it. `tests/test_convergence.py` asserts the first four in CI. At 400 steps the
-control was still disruptive (seed 0: loss 0.4027 -> 0.4063, 0.3994 without it). The sampled
-dancer moves little yet (contrast 0.118 for the ground truth); trained 1000 steps (seed 0,
-`-- --max_train_steps=1000`, 495 s) the contrast reaches 0.0052 and the loss 0.3444.
+poses makes no difference), the score of videos sampled with the control improves, and so does their
+contrast. `tests/test_convergence.py` asserts the first four in CI, and that at the end videos
+sampled with the control score better than without it. At 400 steps the control was still
+disruptive (seed 0: loss 0.4027 -> 0.4063, 0.3994 without it). The sampled dancer moves little yet;
+trained 1000 steps (seed 0, `-- --max_train_steps=1000`, 495 s) the contrast reaches 0.0052 and the
+loss 0.3444.
 The same runs on an H200 (training about 133 s each, eight runs sharing the GPU) gave the same five
 verdicts at seeds 0-2, with every figure within 0.006 of these.
 """

@@ -67,9 +67,9 @@ def test_through_vae_is_the_vaes_round_trip():
     )
     decoded = convergence.through_vae(pretrained, frames)
     assert decoded.shape == frames.shape and decoded.dtype == np.uint8
-    # Measured: 17.3 dB through the pretrained VAE, 13.3 through the random stand-in's.
+    # Measured: 20.6 dB through the pretrained VAE, 13.3 through the random stand-in's.
     untrained = convergence.through_vae(build_tiny_components(0)[1].eval(), frames)
-    assert psnr(decoded, frames).mean() > psnr(untrained, frames).mean() + 2
+    assert psnr(decoded, frames).mean() > psnr(untrained, frames).mean() + 5
 
 
 def test_remembered_encodes_encode_each_distinct_input_once():
