@@ -403,13 +403,13 @@ Load it with `StableVideoDiffusionPipeline.from_pretrained(folder)` or
 def readme(report: dict) -> str:
     """The folder's README.md, from its pretrain_report.json."""
     vae, unet, config = report["vae"], report["unet"], report["config"]
-    anchor = config.get("colour_anchor", 0)
+    anchor = config["colour_anchor"]
     return README.format(
         **config,
         anchor=f" + {anchor} x colour anchor (latent channels 0-2 towards each 8x8 block's mean colour)"
         if anchor
         else "",
-        storage=" Weights stored in float16 (they load as float32)." if config.get("vae_float16") else "",
+        storage=" Weights stored in float16 (they load as float32)." if config["vae_float16"] else "",
         psnr_before=vae["heldout_psnr_untrained"],
         psnr=vae["heldout_psnr"],
         scaling=vae["scaling_factor"],
