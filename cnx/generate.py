@@ -141,6 +141,7 @@ def load_pipeline(
     """A ControlNeXtSVDPipeline from an SVD folder or hub id, a ControlNeXt and optionally a trained UNet."""
     import torch
 
+    from cnx.latents import channels_last_on_cpu
     from cnx.pipeline import ControlNeXtSVDPipeline
     from cnx.tiny import quiet_progress_bars
     from cnx.weights import load_controlnext, load_unet_state
@@ -155,7 +156,9 @@ def load_pipeline(
         load_unet_state(pipe.unet, unet)
     if pipe.controlnext is not None and pipe.controlnext.dtype != torch_dtype:
         pipe.controlnext.to(torch_dtype)
-    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    channels_last_on_cpu(pipe.vae)
+    return pipe
 
 
 def pipeline_from_args(args: argparse.Namespace, weights: tuple[Path, Path | None]):

@@ -121,6 +121,11 @@ class TrainingOptions:
     )
     allow_tf32: bool = _option(False, "allow TF32 matmuls on Ampere and newer GPUs")
     enable_xformers_memory_efficient_attention: bool = _option(False, "use xformers attention")
+    latent_cache_mb: int = _option(
+        0,
+        "keep up to this many MiB of VAE posteriors per process, one per distinct frame, so a frame is "
+        "encoded once (fixed videos, fixed crops: small datasets); 0: encode every step",
+    )
     # Noise and conditioning
     sigma_sampler: str = _option(
         "lognormal",
@@ -184,7 +189,7 @@ class TrainingOptions:
         for name in at_least_one:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 found.append(f"--{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr_warmup_steps", "num_workers"):
+        for name in ("lr_warmup_steps", "num_workers", "latent_cache_mb"):
             if getattr(self, name) < 0:
                 found.append(f"--{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("conditioning_dropout_prob", "max_bad_sample_fraction"):

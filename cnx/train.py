@@ -29,7 +29,14 @@ from pathlib import Path
 import torch
 
 from cnx import conditioning, edm
-from cnx.latents import embed_reference, encode_reference, encode_video_latents
+from cnx.latents import (
+    FrameLatentCache,
+    channels_last_on_cpu,
+    embed_reference,
+    encode_chunk_frames,
+    encode_reference,
+    encode_video_latents,
+)
 from cnx.seeding import stream_generator
 
 VAE_CHUNK_FRAMES = 8  # frames through the VAE encoder at once (a 21 x 576x1024 clip never at once)
@@ -50,6 +57,8 @@ class Models:
     feature_extractor: object
     model: torch.nn.Module  # cnx.controlnext.ControlNeXtSVD, possibly wrapped by accelerate
     weight_dtype: torch.dtype  # of the frozen models and the forward pass
+    latent_cache: FrameLatentCache | None = None  # --latent_cache_mb: each frame's posterior, once
+    encode_chunk: int = VAE_CHUNK_FRAMES  # frames per VAE encoder call (`build_models`: 1 on a CPU)
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,9 @@ def training_step(
     batch_size, num_frames = pixels.shape[:2]
 
     # Latents and the reference's conditioning (frozen models, no gradients).
-    latents = encode_video_latents(models.vae, pixels, VAE_CHUNK_FRAMES, generator).float()  # (B, F, C, h, w)
+    latents = encode_video_latents(
+        models.vae, pixels, models.encode_chunk, generator, models.latent_cache
+    ).float()  # (B, F, C, h, w)
     noisy_reference = conditioning.noise_augment_reference(reference, generator)
     reference_latents = encode_reference(models.vae, noisy_reference).float()  # (B, C, h, w), unscaled
     embeddings = embed_reference(
@@ -427,7 +438,10 @@ def build_models(options, device, weight_dtype: torch.dtype):
         frozen.requires_grad_(False).eval().to(device)
         if frozen.dtype != weight_dtype:  # diffusers warns on every `to(dtype)`, even a no-op
             frozen.to(weight_dtype)
-    return Models(vae, image_encoder, feature_extractor, model, weight_dtype), scheduler
+    channels_last_on_cpu(vae)
+    cache = FrameLatentCache(options.latent_cache_mb * 2**20) if options.latent_cache_mb else None
+    chunk = encode_chunk_frames(device, VAE_CHUNK_FRAMES)
+    return Models(vae, image_encoder, feature_extractor, model, weight_dtype, cache, chunk), scheduler
 
 
 # ---------------------------------------------------------------------------------------------
@@ -714,6 +728,8 @@ def train(options) -> Path:
             f"done: {step} steps; this run {elapsed:.1f} s, {rate:.2f} samples/s, peak memory {peak:.2f} GiB,"
             f" outputs in {output_dir} (final/, logs/)"
         )
+        if models.latent_cache is not None:
+            print(models.latent_cache.summary())
     accelerator.end_training()
     return output_dir
 

@@ -1,12 +1,24 @@
 """cnx.latents: what a training step and the sampler feed SVD, checked against diffusers' pipeline."""
 
+import copy
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
 from diffusers import StableVideoDiffusionPipeline
 from PIL import Image
 
-from cnx.latents import CLIP_MEAN, CLIP_STD, embed_reference, encode_reference, encode_video_latents
+from cnx.latents import (
+    CLIP_MEAN,
+    CLIP_STD,
+    FrameLatentCache,
+    channels_last_on_cpu,
+    embed_reference,
+    encode_chunk_frames,
+    encode_reference,
+    encode_video_latents,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +43,59 @@ def test_chunked_and_unchunked_video_latents_agree(pipe):
     ]
     torch.testing.assert_close(sampled[0], sampled[1])
     assert not torch.allclose(sampled[0], whole)
+
+
+def test_the_latent_cache_encodes_each_distinct_frame_once_and_changes_no_latent(pipe):
+    pixels = (
+        torch.rand(2, 3, 3, 48, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    )  # (B, F, 3, H, W)
+    cache = FrameLatentCache(max_bytes=2**20)
+    with mock.patch.object(pipe.vae, "encode", wraps=pipe.vae.encode) as encode:
+        first = encode_video_latents(pipe.vae, pixels, 4, torch.Generator().manual_seed(1), cache)
+        assert (cache.misses, cache.hits, encode.call_count) == (6, 0, 6)  # one frame at a time
+        again = encode_video_latents(pipe.vae, pixels, 4, torch.Generator().manual_seed(1), cache)
+        assert (cache.misses, cache.hits, encode.call_count) == (6, 6, 6)  # nothing encoded again
+    assert torch.equal(again, first) and len(cache.entries) == 6
+    # The same latents as the VAE's own batched encoding, to float rounding.
+    torch.testing.assert_close(
+        first, encode_video_latents(pipe.vae, pixels, None, torch.Generator().manual_seed(1))
+    )
+    # A frame's posterior does not depend on its neighbours: frame (1, 2) beside a new frame, in a new
+    # cache, has the very bits it had in the first clip (as a resumed run needs).
+    beside = torch.stack([torch.zeros_like(pixels[0, 0]), pixels[1, 2]])[None]  # (1, 2, 3, H, W)
+    alone = encode_video_latents(pipe.vae, beside, None, None, FrameLatentCache(2**20))[0, 1]
+    assert torch.equal(alone, encode_video_latents(pipe.vae, pixels, None, None, cache)[1, 2])
+    # One changed pixel is another frame: a miss, never a stale hit.
+    changed = pixels.clone()
+    changed[0, 0, 1, 5, 7] += 0.01
+    misses = cache.misses
+    encode_video_latents(pipe.vae, changed, None, None, cache)
+    assert cache.misses == misses + 1
+
+
+def test_a_full_latent_cache_stops_storing_but_keeps_encoding(pipe):
+    pixels = torch.rand(1, 4, 3, 48, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    entry = 2 * 4 * 6 * 4 * 4  # (2C, h, w) float32 parameters of one 48x32 frame
+    cache = FrameLatentCache(max_bytes=2 * entry + entry // 2)
+    latents = encode_video_latents(pipe.vae, pixels, None, None, cache)
+    assert len(cache.entries) == 2 and cache.bytes == 2 * entry <= cache.max_bytes
+    torch.testing.assert_close(latents, encode_video_latents(pipe.vae, pixels))
+    encode_video_latents(pipe.vae, pixels, None, None, cache)
+    assert (cache.hits, cache.misses) == (2, 6)
+    assert "2 frames" in cache.summary() and "2 of 8 encodes saved (25%)" in cache.summary()
+
+
+def test_a_channels_last_vae_on_cpu_encodes_and_decodes_what_the_plain_one_does(pipe):
+    fast = channels_last_on_cpu(copy.deepcopy(pipe.vae))
+    weights = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    pixels = torch.rand(1, 3, 3, 48, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    latents = encode_video_latents(fast, pixels, encode_chunk_frames("cpu", 8))
+    torch.testing.assert_close(latents, encode_video_latents(pipe.vae, pixels), atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        decoded = [vae.decode(latents[0], num_frames=3).sample for vae in (fast, pipe.vae)]
+    torch.testing.assert_close(*decoded, atol=1e-5, rtol=1e-4)
+    assert encode_chunk_frames("cpu", 8) == 1 and encode_chunk_frames("meta", 8) == 8
 
 
 def test_video_latents_reject_a_clip_without_a_frame_axis(pipe):
