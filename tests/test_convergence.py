@@ -1,20 +1,20 @@
 """ControlNeXt training learns to use the control: `benchmarks/convergence.py`, guarded in CI.
 
 The guard against a dependency change that silently stops training from converging:
-the benchmark trains the tiny profile's run (600 steps, seed 0) through the real entry
+the benchmark trains the tiny profile's run (800 steps, seed 0) through the real entry
 point from the pretrained tiny SVD and measures held-out figures before and after. What
 held for every seed measured (0, 1 and 2 on 2 CPU cores; the benchmark's docstring has the
 table), as end / step 0 or end / the comparison:
 
-- the held-out loss falls: 0.935, 0.924 and 0.896;
-- the trained control lowers it against the same model without it: 0.995, 0.962 and
-  0.989, while at step 0 the untrained control raises it by 0.75-0.85%;
-- the right poses lower it against the same poses reversed in time: 0.997, 0.990 and
-  0.989, against 1.0005-1.0011 at step 0. So the control carries the poses, not just
+- the held-out loss falls: 0.866, 0.864 and 0.892;
+- the trained control lowers it against the same model without it: 0.970, 0.942 and
+  0.973, while at step 0 the untrained control raises it by 0.75-0.85%;
+- the right poses lower it against the same poses reversed in time: 0.983, 0.976 and
+  0.983, against 1.0005-1.0011 at step 0. So the control carries the poses, not just
   features the UNet got used to;
-- the control fidelity score of sampled videos improves: 0.952, 0.965 and 0.979; and at the
-  end videos sampled with the control score better than without it: 0.985, 0.960 and
-  0.962 (at step 0: 0.993-1.015).
+- the control fidelity score of sampled videos improves: 0.980, 0.972 and 0.971; and at the
+  end videos sampled with the control score better than without it: 0.961, 0.934 and
+  0.961 (at step 0: 0.993-1.015).
 
 Each threshold sits between the trained and the untrained figures, with a margin.
 """
@@ -27,12 +27,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LOSS_FALLS = 0.97  # end / step 0 held-out loss below this (measured <= 0.935; untrained: 1)
-CONTROL_GAIN = 0.998  # trained: loss with the control < this x the loss without it (measured <= 0.995)
+LOSS_FALLS = 0.95  # end / step 0 held-out loss below this (measured <= 0.892; untrained: 1)
+CONTROL_GAIN = 0.99  # trained: loss with the control < this x the loss without it (measured <= 0.973)
 UNTRAINED = 0.015  # step 0: the untrained control changes the held-out loss by less than this (<= 0.0085)
-RIGHT_POSES = 0.999  # trained: loss with the right poses < this x with them reversed (measured <= 0.997)
-FIDELITY_GAIN = 0.985  # control fidelity score, end / step 0, below this (measured <= 0.979)
-FIDELITY_CONTROL = 0.99  # trained: score with the control < this x without it (measured <= 0.985)
+RIGHT_POSES = 0.995  # trained: loss with the right poses < this x with them reversed (measured <= 0.983)
+FIDELITY_GAIN = 0.985  # control fidelity score, end / step 0, below this (measured <= 0.980)
+FIDELITY_CONTROL = 0.98  # trained: score with the control < this x without it (measured <= 0.961)
 
 
 @pytest.fixture(scope="module")
@@ -72,4 +72,4 @@ def test_the_figures_are_complete_and_finite(figures):
     for when in ("step_0", "end"):
         assert set(figures[when]) == fields
         assert all(-1 < value < 10 for value in figures[when].values()), figures[when]
-    assert figures["steps"] == 600 and figures["trainable"] == "full"
+    assert figures["steps"] == 800 and figures["trainable"] == "full"
