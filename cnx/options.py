@@ -123,8 +123,8 @@ class TrainingOptions:
     enable_xformers_memory_efficient_attention: bool = _option(False, "use xformers attention")
     latent_cache_mb: int = _option(
         0,
-        "keep up to this many MiB of VAE posteriors per process, one per distinct frame, so a frame is "
-        "encoded once (fixed videos, fixed crops: small datasets); 0: encode every step",
+        "keep up to this many MiB of VAE posteriors per process in host memory, one per distinct frame, "
+        "so a frame is encoded once (fixed videos, fixed crops: small datasets); 0: encode every step",
     )
     # Noise and conditioning
     sigma_sampler: str = _option(
