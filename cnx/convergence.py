@@ -147,6 +147,7 @@ def sampled_fidelity(pipe, validations, options, control_scale: float, steps: in
             control_scale=control_scale,
             max_guidance_scale=SAMPLING_GUIDANCE,
             generator=stream_generator(HELDOUT_STREAM, "sample", i),
+            decode_chunk_size=options.decode_chunk_size,
             output_type="np",
         ).frames[0]
         results.append(score(to_uint8(frames), validation, options.height, options.width))
@@ -222,8 +223,9 @@ def trained_pipeline(options, weights_path: str | Path):
 
 
 @torch.no_grad()
-def through_vae(vae, frames):
-    """(F, H, W, 3) uint8 frames encoded and decoded by `vae` (latent means, all frames in one clip).
+def through_vae(vae, frames, chunk_size: int | None = None):
+    """(F, H, W, 3) uint8 frames encoded and decoded by `vae` (latent means), `chunk_size` frames
+    decoded together (None: all), as the pipeline decodes.
 
     The best any generated video can look: the UNet only ever makes latents, and this VAE
     turns them into pixels.
@@ -232,7 +234,9 @@ def through_vae(vae, frames):
     from cnx.pretrain import reconstruct
 
     clip = torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float() / 127.5 - 1  # (1, F, 3, H, W)
-    decoded = reconstruct(vae, clip.to(vae.device, vae.dtype))[0].float().cpu()  # in [-1, 1]
+    chunks = clip.split(chunk_size or clip.shape[1], dim=1)
+    decoded = torch.cat([reconstruct(vae, c.to(vae.device, vae.dtype))[0] for c in chunks])  # in [-1, 1]
+    decoded = decoded.float().cpu()
     return to_uint8(((decoded + 1) / 2).permute(0, 2, 3, 1).numpy())
 
 

@@ -152,6 +152,9 @@ class TrainingOptions:
     num_frames: int = _option(
         14, "frames generated at validation (the original's meaning; clips: --sample_n_frames)"
     )
+    decode_chunk_size: int | None = _option(
+        None, "frames the VAE decodes together at validation; default: all (SVD's decoder saw long clips)"
+    )
     validation_image_folder: str | None = _option(
         None, "ground-truth frames 0.png..N.png (give all three or none)"
     )
@@ -184,7 +187,7 @@ class TrainingOptions:
         at_least_one = (
             "sample_n_frames", "num_frames", "per_gpu_batch_size", "gradient_accumulation_steps",
             "num_train_epochs", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
-            "validation_steps", "num_validation_images",
+            "validation_steps", "num_validation_images", "decode_chunk_size",
         )  # fmt: skip
         for name in at_least_one:
             if getattr(self, name) is not None and getattr(self, name) < 1:

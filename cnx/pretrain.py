@@ -384,7 +384,10 @@ How it was made, from fresh random synthetic dancers (`cnx.synth`) every step:
 1. VAE (AutoencoderKLTemporalDecoder): {vae_steps} steps, batch size {vae_batch_size}, clips of
    {vae_frames} frames at {width}x{height}, each clip cropped to {vae_crop}x{vae_crop} (0: whole frames),
    MSE + {kl_weight} KL{anchor}; held-out PSNR on whole frames {psnr_before:.2f} dB (untrained) ->
-   {psnr:.2f} dB.{storage} Latent scaling_factor set to {scaling:.5f} (1 / std).
+   {psnr:.2f} dB.{storage} Latent scaling_factor set to {scaling:.5f} (1 / std). Its temporal
+   decoder has only seen clips of {vae_frames} frames: a clip decoded in chunks of {vae_frames}
+   (`decode_chunk_size`) comes back sharper than one decoded whole, whose middle frames blur
+   and tint.
 2. UNet (UNetSpatioTemporalConditionModel), image-to-video without pose: {unet_steps} steps,
    batch size {batch_size}, clips of {num_frames} frames {interval} frames apart, SVD's EDM objective
    conditioned on the first frame (log-normal sigmas, conditioning dropout), VAE and CLIP

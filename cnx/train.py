@@ -786,6 +786,7 @@ def validate_during_training(accelerator, models, scheduler, ema, trainable, opt
                         options.width,
                         control_scale=options.control_scale,
                         generator=generator,
+                        decode_chunk_size=options.decode_chunk_size,
                     )
                 with log_path.open("a") as file:
                     file.write(json.dumps({"step": step, "video": i, **result}) + "\n")

@@ -1,5 +1,8 @@
 """`cnx.convergence`'s readers of run folders and written clips (the benchmark itself: test_convergence)."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -70,6 +73,11 @@ def test_through_vae_is_the_vaes_round_trip():
     # Measured: 20.6 dB through the pretrained VAE, 13.3 through the random stand-in's.
     untrained = convergence.through_vae(build_tiny_components(0)[1].eval(), frames)
     assert psnr(decoded, frames).mean() > psnr(untrained, frames).mean() + 5
+    # Its temporal decoder was trained on clips of `vae_frames` frames (2), and decodes longer clips
+    # worse in their middle: chunks of that length come back sharper.
+    report = json.loads((Path(TINY.pretrained_model_name_or_path) / "pretrain_report.json").read_text())
+    chunked = convergence.through_vae(pretrained, frames, report["config"]["vae_frames"])
+    assert psnr(chunked, frames).mean() > psnr(decoded, frames).mean() + 1
 
 
 def test_remembered_encodes_encode_each_distinct_input_once():
