@@ -235,8 +235,7 @@ def through_vae(vae, frames, chunk_size: int | None = None):
 
     clip = torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float() / 127.5 - 1  # (1, F, 3, H, W)
     chunks = clip.split(chunk_size or clip.shape[1], dim=1)
-    decoded = torch.cat([reconstruct(vae, c.to(vae.device, vae.dtype))[0] for c in chunks])  # in [-1, 1]
-    decoded = decoded.float().cpu()
+    decoded = torch.cat([reconstruct(vae, c.to(vae.device, vae.dtype))[0].float().cpu() for c in chunks])
     return to_uint8(((decoded + 1) / 2).permute(0, 2, 3, 1).numpy())
 
 
