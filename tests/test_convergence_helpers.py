@@ -70,14 +70,14 @@ def test_through_vae_is_the_vaes_round_trip():
     )
     decoded = convergence.through_vae(pretrained, frames)
     assert decoded.shape == frames.shape and decoded.dtype == np.uint8
-    # Measured: 20.6 dB through the pretrained VAE, 13.3 through the random stand-in's.
+    # Measured: 23.8 dB through the pretrained VAE (23.3 in chunks of 2), 13.3 through the random stand-in's.
     untrained = convergence.through_vae(build_tiny_components(0)[1].eval(), frames)
     assert psnr(decoded, frames).mean() > psnr(untrained, frames).mean() + 5
-    # Its temporal decoder was trained on clips of `vae_frames` frames (2), and decodes longer clips
-    # worse in their middle: chunks of that length come back sharper.
+    # Its temporal decoder started per frame (`cnx.pretrain.start_per_frame`) and trained on clips of
+    # `vae_frames` frames (2): it decodes a longer clip whole as well as in chunks of that length.
     report = json.loads((Path(TINY.pretrained_model_name_or_path) / "pretrain_report.json").read_text())
     chunked = convergence.through_vae(pretrained, frames, report["config"]["vae_frames"])
-    assert psnr(chunked, frames).mean() > psnr(decoded, frames).mean() + 1
+    assert psnr(decoded, frames).mean() > psnr(chunked, frames).mean() - 0.3
 
 
 def test_remembered_encodes_encode_each_distinct_input_once():

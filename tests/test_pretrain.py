@@ -20,7 +20,9 @@ from cnx.pretrain import (
     parse_args,
     pretrain,
     random_crop,
+    start_per_frame,
     synthetic_batch,
+    train_vae,
     vae_loss,
 )
 from cnx.tiny import build_tiny_components
@@ -111,6 +113,37 @@ def test_the_colour_anchor_adds_the_mse_of_three_latent_channels_against_the_8x8
     assert float(loss[2.0] - loss[0.0]) == pytest.approx(2 * float((mean - colour).square().mean()), rel=1e-5)
 
 
+@torch.no_grad()
+def test_a_decoder_started_per_frame_decodes_a_clip_as_its_frames_one_by_one():
+    vae = build_tiny_components(0)[1].eval()
+    latents = torch.randn(4, 4, 6, 4, generator=torch.Generator().manual_seed(0))  # (F, 4, H/8, W/8)
+
+    def whole_and_alone():
+        whole = vae.decode(latents, num_frames=4).sample
+        return whole, torch.cat([vae.decode(z[None], num_frames=1).sample for z in latents])
+
+    whole, alone = whole_and_alone()
+    assert (whole - alone).abs().max() > 0.01  # random temporal layers mix neighbouring frames
+    start_per_frame(vae)
+    torch.testing.assert_close(*whole_and_alone())
+
+
+@pytest.mark.parametrize("decay", [True, False])
+def test_the_colour_anchor_decays_with_the_learning_rate(decay, monkeypatch):
+    import cnx.pretrain
+
+    weights = []
+    loss = cnx.pretrain.vae_loss
+    monkeypatch.setattr(cnx.pretrain, "vae_loss", lambda *a: weights.append(a[-1]) or loss(*a))
+    config = PretrainConfig(
+        width=32, height=32, vae_steps=5, vae_batch_size=1, vae_crop=16, warmup=2, colour_anchor=2.0,
+        anchor_decay=decay,
+    )  # fmt: skip
+    train_vae(build_tiny_components(0)[1], config, synthetic_batch(("heldout",), 1, 2, 3, 32, 32), False)
+    factors = [cosine_lr(step, 5, 2) if decay else 1.0 for step in range(5)]
+    assert weights == pytest.approx([2.0 * f for f in factors])
+
+
 def test_the_same_seed_gives_the_same_bytes(runs):
     (a, _), (b, _) = runs
     for name in WEIGHTS + ["unet/config.json", "vae/config.json", "model_index.json"]:
@@ -141,8 +174,6 @@ def test_schedule():
 
 
 def test_the_global_rng_is_left_alone():
-    from cnx.pretrain import PretrainConfig, train_vae
-
     _, vae, _, _ = build_tiny_components(0)
     config = PretrainConfig(width=32, height=32, vae_steps=1, vae_batch_size=1, vae_crop=16, warmup=1)
     heldout = synthetic_batch(("heldout",), 1, 2, 3, 32, 32)
