@@ -443,12 +443,11 @@ def readme(report: dict) -> str:
     """The folder's README.md, from its pretrain_report.json."""
     vae, unet, config = report["vae"], report["unet"], report["config"]
     anchor = config["colour_anchor"]
+    decay = ", decaying with the learning rate" if config["anchor_decay"] else ""
+    anchored = f"latent channels 0-2 towards each 8x8 block's mean colour{decay}"
     return README.format(
         **config,
-        anchor=f" + {anchor} x colour anchor (latent channels 0-2 towards each 8x8 block's mean colour"
-        + (", decaying with the learning rate)" if config["anchor_decay"] else ")")
-        if anchor
-        else "",
+        anchor=f" + {anchor} x colour anchor ({anchored})" if anchor else "",
         temporal=(TEMPORAL_PER_FRAME if config["per_frame_start"] else TEMPORAL_RANDOM).format(**config),
         storage=" Weights stored in float16 (they load as float32)." if config["vae_float16"] else "",
         psnr_before=vae["heldout_psnr_untrained"],
