@@ -106,7 +106,7 @@ def tiny_models(folder: Path, options, device):
     """The tiny profile's stand-in SVD, loaded as the trainer loads it (float32)."""
     from cnx.tiny import write_tiny_svd
 
-    write_tiny_svd(folder, seed=0, unet_width=TINY.unet_width)
+    write_tiny_svd(folder, seed=0, unet_width=TINY.unet_width, unet_inner_width=TINY.unet_inner_width)
     models, _ = train.build_models(options, device, torch.float32)
     models.model.to(device)
     return models

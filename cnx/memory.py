@@ -227,9 +227,11 @@ def tiny_components():
     from cnx.controlnext import ControlNeXt, controlnext_config_for
     from cnx.tiny import build_tiny_components
 
-    width = PROFILES["tiny"].unet_width
-    unet, vae, image_encoder, _ = build_tiny_components(unet_width=width)
-    return unet, vae, image_encoder, ControlNeXt(**controlnext_config_for(width))
+    tiny = PROFILES["tiny"]
+    unet, vae, image_encoder, _ = build_tiny_components(
+        unet_width=tiny.unet_width, unet_inner_width=tiny.unet_inner_width
+    )
+    return unet, vae, image_encoder, ControlNeXt(**controlnext_config_for(tiny.unet_width))
 
 
 @functools.lru_cache(maxsize=4)

@@ -52,7 +52,8 @@ class PretrainConfig:
     seed: int = 0  # weights, data and noise are a function of the seed alone
     width: int = 128  # frame width in pixels (the tiny profile's)
     height: int = 192  # frame height in pixels
-    unet_width: int = 32  # first UNet block width, as the stand-in's (SVD: 320)
+    unet_width: int = 64  # first UNet block width (SVD: 320); at 32 its norms lose the colour (`cnx.tiny`)
+    unet_inner_width: int = 64  # second UNet block width (SVD: 640)
     vae_width: int = 64  # VAE block width; at 32 the decoder's last GroupNorm (32 groups) loses hue
     vae_steps: int = 1200  # VAE optimizer steps
     vae_batch_size: int = 4  # clips per VAE step
@@ -63,8 +64,8 @@ class PretrainConfig:
     colour_anchor: float = 1.0  # weight of the latents' colour anchor (`vae_loss`); 0: none
     anchor_decay: bool = True  # the anchor's weight follows the learning rate's cosine to 0
     per_frame_start: bool = True  # the decoder's temporal layers start as identity (`start_per_frame`)
-    vae_float16: bool = True  # store the VAE in float16 (half the bytes; it loads as float32)
-    unet_steps: int = 1300  # UNet optimizer steps
+    float16: bool = True  # store the VAE and the UNet in float16 (half the bytes; they load as float32)
+    unet_steps: int = 1000  # UNet optimizer steps
     batch_size: int = 1  # clips per UNet step
     num_frames: int = 8  # frames per UNet clip, and the pipeline's default frame count
     interval: int = 3  # frames between clip frames (the tiny profile's interval_frame)
@@ -81,7 +82,7 @@ class PretrainConfig:
                 found.append(
                     f"--{name} must be a positive multiple of 16 (VAE 8x, UNet 2x), got {getattr(self, name)}"
                 )
-        for name in ("unet_width", "vae_width"):
+        for name in ("unet_width", "unet_inner_width", "vae_width"):
             if getattr(self, name) < 32 or getattr(self, name) % 32:
                 found.append(
                     f"--{name} must be a positive multiple of 32 (32 norm groups), got {getattr(self, name)}"
@@ -223,10 +224,10 @@ def latent_scaling_factor(vae, clips: torch.Tensor) -> float:
 def cast_weights(module: torch.nn.Module, *dtypes: torch.dtype) -> torch.nn.Module:
     """Cast the weights in place through each dtype in turn.
 
-    With `vae_float16` the VAE is stored in float16 (half the bytes: a 64-wide VAE then fits the
-    12 MB folder). `from_pretrained` loads float16 files as float32 unless told a dtype, so
-    after stage 1 its weights are rounded through float16 and kept float32: the held-out PSNR
-    and the UNet stage see exactly what users load.
+    With `float16` the VAE and the UNet are stored in float16 (half the bytes: 64-wide models
+    then fit the 12 MB folder). `from_pretrained` loads float16 files as float32 unless told a
+    dtype, so after each stage its weights are rounded through float16 and kept float32: the
+    held-out figures, and the UNet stage, see exactly what users load.
     """
     for param in module.parameters():
         for dtype in dtypes:
@@ -298,7 +299,7 @@ def train_vae(vae, config: PretrainConfig, heldout: torch.Tensor, progress: bool
             bar.write(f"stage 1: step {step + 1}: held-out PSNR {heldout_psnr(vae.eval(), heldout):.2f} dB")
             vae.train()
     vae.eval().requires_grad_(False)
-    if config.vae_float16:
+    if config.float16:
         cast_weights(vae, torch.float16, torch.float32)  # what is stored and what users load
     after = heldout_psnr(vae, heldout)
     print(f"stage 1: held-out PSNR {before:.2f} dB (untrained) -> {after:.2f} dB ({len(heldout)} clips)")
@@ -389,6 +390,8 @@ def train_unet(
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     unet.eval().requires_grad_(False)
+    if config.float16:
+        cast_weights(unet, torch.float16, torch.float32)  # what is stored and what users load
     end = heldout_unet_loss(models, heldout, config.heldout_sigmas)
     print(f"stage 2: held-out loss {start:.4f} (untrained) -> {end:.4f}")
     return {"heldout_loss_start": start, "heldout_loss_end": end}
@@ -408,13 +411,14 @@ README = """# Pretrained tiny SVD (synthetic dancers)
 A tiny Stable Video Diffusion pipeline trained on a CPU by `cnx pretrain-tiny`:
 the stand-in for `stabilityai/stable-video-diffusion-img2vid-xt-1-1` that
 ControlNeXt training starts from. The component classes of `cnx tiny-model`'s
-stand-in, with UNet width {unet_width} and VAE width {vae_width}, and trained weights.
+stand-in, with UNet widths {unet_width} and {unet_inner_width} and VAE width {vae_width}, and
+trained weights.{storage}
 
 How it was made, from fresh random synthetic dancers (`cnx.synth`) every step:
 1. VAE (AutoencoderKLTemporalDecoder): {vae_steps} steps, batch size {vae_batch_size}, clips of
    {vae_frames} frames at {width}x{height}, each clip cropped to {vae_crop}x{vae_crop} (0: whole frames),
    MSE + {kl_weight} KL{anchor}; held-out PSNR on whole frames {psnr_before:.2f} dB (untrained) ->
-   {psnr:.2f} dB.{storage} Latent scaling_factor set to {scaling:.5f} (1 / std).{temporal}
+   {psnr:.2f} dB. Latent scaling_factor set to {scaling:.5f} (1 / std).{temporal}
 2. UNet (UNetSpatioTemporalConditionModel), image-to-video without pose: {unet_steps} steps,
    batch size {batch_size}, clips of {num_frames} frames {interval} frames apart, SVD's EDM objective
    conditioned on the first frame (log-normal sigmas, conditioning dropout), VAE and CLIP
@@ -449,7 +453,9 @@ def readme(report: dict) -> str:
         **config,
         anchor=f" + {anchor} x colour anchor ({anchored})" if anchor else "",
         temporal=(TEMPORAL_PER_FRAME if config["per_frame_start"] else TEMPORAL_RANDOM).format(**config),
-        storage=" Weights stored in float16 (they load as float32)." if config["vae_float16"] else "",
+        storage=" The VAE and the UNet are stored in float16 (they load as float32)."
+        if config["float16"]
+        else "",
         psnr_before=vae["heldout_psnr_untrained"],
         psnr=vae["heldout_psnr"],
         scaling=vae["scaling_factor"],
@@ -477,7 +483,7 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
         raise ValueError("; ".join(problems))
     with torch.random.fork_rng():  # nothing here draws from the global RNG; leave it as it was anyway
         unet, vae, image_encoder, scheduler = build_tiny_components(
-            config.seed, config.unet_width, config.vae_width, config.num_frames
+            config.seed, config.unet_width, config.vae_width, config.num_frames, config.unet_inner_width
         )
         image_encoder.requires_grad_(False).eval()
         heldout_frames, heldout_clips = heldout_sets(config)
@@ -491,8 +497,9 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
         unet_report = train_unet(unet, vae, image_encoder, config, heldout_clips, progress)
         unet_seconds = time.perf_counter() - started
 
-    if config.vae_float16:
+    if config.float16:
         cast_weights(vae, torch.float16)
+        cast_weights(unet, torch.float16)
     save_svd_folder(out_dir, unet, vae, image_encoder, scheduler)
     report = {
         "config": asdict(config),

@@ -31,6 +31,7 @@ class Profile:
     interval_frame: int  # spacing between sampled frames; <= 0 draws one in [2, 7]
     mixed_precision: str  # "no" on CPU, "bf16" on GPUs
     unet_width: int  # first UNet block width: 320 for SVD, small for the stand-in
+    unet_inner_width: int  # second UNet block width: 640 for SVD
 
 
 _VALIDATION = DATA_SAMPLES / "validation"
@@ -49,7 +50,8 @@ TINY = Profile(
     sample_n_frames=4,  # short clips: twice the optimizer steps per minute of 8, and faster learning
     interval_frame=3,
     mixed_precision="no",
-    unet_width=32,
+    unet_width=64,
+    unet_inner_width=64,
 )
 PROFILES = {
     "tiny": TINY,
@@ -63,6 +65,7 @@ PROFILES = {
         sample_n_frames=21,
         mixed_precision="bf16",
         unet_width=320,
+        unet_inner_width=640,
     ),
 }
 

@@ -84,11 +84,21 @@ def build_svd_xt_components(device="meta", dtype=None):
     return unet, vae, image_encoder, EulerDiscreteScheduler(**SVD_XT_SCHEDULER_CONFIG), controlnext
 
 
-def build_tiny_components(seed: int = 0, unet_width: int = 32, vae_width: int = 32, num_frames: int = 8):
+def build_tiny_components(
+    seed: int = 0,
+    unet_width: int = 32,
+    vae_width: int = 32,
+    num_frames: int = 8,
+    unet_inner_width: int | None = None,
+):
     """The five SVD components with tiny, seeded random weights.
 
-    `unet_width` is the first UNet block's width (SVD: 320); it must be a
-    multiple of 32 because the UNet's group norms use 32 groups.
+    `unet_width` is the first UNet block's width (SVD: 320), `unet_inner_width`
+    the second's (default: twice the first). Both must be multiples of 32
+    because the UNet's group norms use 32 groups. At width 32 each of those
+    norms is per channel and removes every channel's spatial mean, which is
+    where a latent keeps the frame's colour: such a UNet cannot copy the
+    reference's colour (measured: `cnx pretrain-tiny`'s README).
     """
     import torch
     from diffusers import (
@@ -98,8 +108,12 @@ def build_tiny_components(seed: int = 0, unet_width: int = 32, vae_width: int = 
     )
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    if unet_width % 32 or vae_width % 32:
-        raise ValueError(f"unet_width and vae_width must be multiples of 32, got {unet_width}, {vae_width}")
+    inner_width = unet_inner_width or 2 * unet_width
+    if unet_width % 32 or inner_width % 32 or vae_width % 32:
+        raise ValueError(
+            "unet_width, unet_inner_width and vae_width must be multiples of 32, "
+            f"got {unet_width}, {inner_width}, {vae_width}"
+        )
     embed_dim = unet_width  # CLIP image embedding size == the UNet's cross-attention width
     time_id_dim = 32  # per added time id (SVD: 256); 3 ids: fps, motion bucket, noise augmentation
 
@@ -112,12 +126,12 @@ def build_tiny_components(seed: int = 0, unet_width: int = 32, vae_width: int = 
             out_channels=4,
             down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
             up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-            block_out_channels=(unet_width, 2 * unet_width),
+            block_out_channels=(unet_width, inner_width),
             addition_time_embed_dim=time_id_dim,
             projection_class_embeddings_input_dim=3 * time_id_dim,
             layers_per_block=1,
             cross_attention_dim=embed_dim,
-            num_attention_heads=(unet_width // 16, unet_width // 8),
+            num_attention_heads=(unet_width // 16, inner_width // 16),  # 16 channels per head
             num_frames=num_frames,
         )
         torch.manual_seed(seed + 1)
@@ -199,10 +213,16 @@ def save_svd_folder(out_dir: str | Path, unet, vae, image_encoder, scheduler) ->
 
 
 def write_tiny_svd(
-    out_dir: str | Path, seed: int = 0, unet_width: int = 32, vae_width: int = 32, num_frames: int = 8
+    out_dir: str | Path,
+    seed: int = 0,
+    unet_width: int = 32,
+    vae_width: int = 32,
+    num_frames: int = 8,
+    unet_inner_width: int | None = None,
 ) -> Path:
     """Write a StableVideoDiffusionPipeline folder; the same seed gives byte-identical weight files."""
-    return save_svd_folder(out_dir, *build_tiny_components(seed, unet_width, vae_width, num_frames))
+    components = build_tiny_components(seed, unet_width, vae_width, num_frames, unet_inner_width)
+    return save_svd_folder(out_dir, *components)
 
 
 def folder_size(path: str | Path) -> int:
@@ -214,11 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="folder to write the pipeline into")
     parser.add_argument("--seed", type=int, default=0, help="weights are a function of the seed alone")
     parser.add_argument("--unet_width", type=int, default=32, help="first UNet block width (SVD: 320)")
+    parser.add_argument("--unet_inner_width", type=int, default=0, help="second UNet block width (0: twice)")
     parser.add_argument("--vae_width", type=int, default=32, help="VAE block width (SVD: 128..512)")
     parser.add_argument("--num_frames", type=int, default=8, help="the pipeline's default frame count")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    out = write_tiny_svd(args.out_dir, args.seed, args.unet_width, args.vae_width, args.num_frames)
+    out = write_tiny_svd(
+        args.out_dir, args.seed, args.unet_width, args.vae_width, args.num_frames, args.unet_inner_width
+    )
     seconds = time.perf_counter() - start
     print(f"tiny SVD pipeline: {out} ({folder_size(out) / 1e6:.1f} MB, {seconds:.1f} s)")
     print(f"load it with StableVideoDiffusionPipeline.from_pretrained({str(out)!r})")

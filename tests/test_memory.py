@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from cnx import memory
-from cnx.controlnext import ControlNeXt, ControlNeXtSVD, controlnext_config_for
-from cnx.memory import MemoryOptions, plan_memory
-from cnx.tiny import build_tiny_components
+from cnx.controlnext import ControlNeXtSVD
+from cnx.memory import MemoryOptions, plan_memory, tiny_components
 from cnx.train import parameter_groups, select_trainable
 
 CLIP = (1, 2, 64, 64)  # (B, F, H, W): small, the step's only job is to make every state tensor
@@ -21,8 +20,8 @@ TINY = dict(profile="tiny", mixed_precision="no", sample_n_frames=CLIP[1], heigh
 
 def tiny_model(trainable: str = "full", rank: int = 4):
     """The stand-in UNet + ControlNeXt as the trainer builds them, with `trainable` selected."""
-    unet, vae, image_encoder, _ = build_tiny_components(unet_width=32)
-    model = ControlNeXtSVD(unet, ControlNeXt(**controlnext_config_for(32)))
+    unet, vae, image_encoder, controlnext = tiny_components()  # the tiny profile's widths
+    model = ControlNeXtSVD(unet, controlnext)
     select_trainable(model, trainable, rank)
     return model, [vae, image_encoder]
 
@@ -40,7 +39,7 @@ def test_weights_gradients_and_optimizer_states_equal_a_real_steps_tensors(train
     out = model(
         torch.randn(batch_size, frames, 8, height // 8, width // 8),
         torch.randn(batch_size),
-        torch.randn(batch_size, 1, 32),
+        torch.randn(batch_size, 1, model.unet.config.cross_attention_dim),
         torch.randn(batch_size, 3),
         pose_frames=torch.rand(batch_size, frames, 3, height, width),
     ).sample
@@ -96,7 +95,7 @@ def test_held_activations_are_what_the_allocator_holds_after_a_real_forward(trai
     inputs = (
         torch.randn(batch_size, frames, 8, height // 8, width // 8),
         torch.randn(batch_size),
-        torch.randn(batch_size, 1, 32),
+        torch.randn(batch_size, 1, model.unet.config.cross_attention_dim),
         torch.randn(batch_size, 3),
     )
     pose_frames = torch.rand(batch_size, frames, 3, height, width)

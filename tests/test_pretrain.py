@@ -8,15 +8,17 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKLTemporalDecoder, StableVideoDiffusionPipeline
+from diffusers import StableVideoDiffusionPipeline
 from safetensors.torch import load_file
 
 from cnx.pipeline import ControlNeXtSVDPipeline
 from cnx.pretrain import (
     PretrainConfig,
+    WithoutControl,
     cosine_lr,
     heldout_psnr,
     heldout_sets,
+    heldout_unet_loss,
     parse_args,
     pretrain,
     random_crop,
@@ -26,6 +28,7 @@ from cnx.pretrain import (
     vae_loss,
 )
 from cnx.tiny import build_tiny_components
+from cnx.train import Models
 
 SHORT = [
     "--seed", "3",
@@ -33,7 +36,7 @@ SHORT = [
     "--vae_steps", "4", "--vae_batch_size", "1", "--vae_frames", "2", "--vae_crop", "32",
     "--unet_steps", "2", "--num_frames", "2",
     "--heldout_clips", "1", "--heldout_sigmas", "2", "--warmup", "2",
-    "--colour_anchor", "0.5", "--vae_float16", "True",
+    "--colour_anchor", "0.5", "--float16", "True",
 ]  # fmt: skip
 WEIGHTS = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
 
@@ -63,7 +66,9 @@ def test_the_folder_loads_as_svd_and_as_controlnext_pipeline(runs):
         assert pipe.vae.config.scaling_factor == report["vae"]["scaling_factor"]
     # The same classes and configs as the stand-in, apart from the trained latent scaling factor.
     config = PretrainConfig(**report["config"])
-    unet, vae, _, _ = build_tiny_components(3, config.unet_width, config.vae_width, num_frames=2)
+    unet, vae, _, _ = build_tiny_components(
+        3, config.unet_width, config.vae_width, num_frames=2, unet_inner_width=config.unet_inner_width
+    )
 
     def plain(config):  # as written to config.json: tuples become lists
         return json.loads(
@@ -94,14 +99,19 @@ def test_even_a_short_run_improves_the_vae_on_heldout_frames(runs):
     assert report["vae"]["heldout_psnr"] > report["vae"]["heldout_psnr_untrained"] + 0.1
 
 
-def test_a_float16_vae_loads_as_float32_and_its_reported_psnr_is_that_of_the_stored_weights(runs):
+def test_float16_weights_load_as_float32_and_the_reported_figures_are_those_of_the_stored_weights(runs):
     folder, _ = runs[0]
-    assert {t.dtype for t in load_file(folder / WEIGHTS[1]).values()} == {torch.float16}
-    vae = AutoencoderKLTemporalDecoder.from_pretrained(folder / "vae")
-    assert vae.dtype == torch.float32  # loaded for float32 compute unless told otherwise
+    for weights in WEIGHTS:
+        assert {t.dtype for t in load_file(folder / weights).values()} == {torch.float16}
+    pipe = StableVideoDiffusionPipeline.from_pretrained(folder)
+    assert pipe.vae.dtype == pipe.unet.dtype == torch.float32  # float32 compute unless told otherwise
     report = json.loads((folder / "pretrain_report.json").read_text())
-    heldout = heldout_sets(PretrainConfig(**report["config"]))[0]
-    assert heldout_psnr(vae, heldout) == pytest.approx(report["vae"]["heldout_psnr"], abs=1e-4)
+    config = PretrainConfig(**report["config"])
+    heldout_frames, heldout_clips = heldout_sets(config)
+    assert heldout_psnr(pipe.vae, heldout_frames) == pytest.approx(report["vae"]["heldout_psnr"], abs=1e-4)
+    models = Models(pipe.vae, pipe.image_encoder, None, WithoutControl(pipe.unet), torch.float32)
+    loss = heldout_unet_loss(models, heldout_clips, config.heldout_sigmas)
+    assert loss == pytest.approx(report["unet"]["heldout_loss_end"], abs=1e-5)
 
 
 def test_the_colour_anchor_adds_the_mse_of_three_latent_channels_against_the_8x8_mean_colour():
@@ -197,10 +207,10 @@ def test_vae_crops_are_windows_of_the_clip_at_multiples_of_8():
 
 
 def test_true_or_false_flags_take_only_those_words(tmp_path, capsys):
-    assert parse_args([str(tmp_path), "--vae_float16", "False"])[1].vae_float16 is False
+    assert parse_args([str(tmp_path), "--float16", "False"])[1].float16 is False
     with pytest.raises(SystemExit):
-        parse_args([str(tmp_path), "--vae_float16", "yes"])
-    assert "--vae_float16" in capsys.readouterr().err
+        parse_args([str(tmp_path), "--float16", "yes"])
+    assert "--float16" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -208,6 +218,7 @@ def test_true_or_false_flags_take_only_those_words(tmp_path, capsys):
     [
         (["--width", "100"], "--width"),
         (["--vae_width", "48"], "--vae_width"),
+        (["--unet_inner_width", "80"], "--unet_inner_width"),
         (["--vae_crop", "60"], "--vae_crop"),
         (["--vae_crop", "256"], "--vae_crop"),
         (["--num_frames", "0"], "--num_frames"),

@@ -83,12 +83,15 @@ def test_building_leaves_the_callers_random_state_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_unet_width_is_a_parameter(tmp_path):
+def test_unet_widths_are_parameters(tmp_path):
     path = write_tiny_svd(tmp_path / "wide", unet_width=64)
     unet = UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet")
-    assert unet.config.block_out_channels[0] == 64
-    with pytest.raises(ValueError, match="multiples of 32"):
-        write_tiny_svd(tmp_path / "bad", unet_width=40)
+    assert tuple(unet.config.block_out_channels) == (64, 128)  # the inner block: twice by default
+    unet = build_tiny_components(unet_width=64, unet_inner_width=64)[0]
+    assert tuple(unet.config.block_out_channels) == (64, 64)
+    for widths in ({"unet_width": 40}, {"unet_inner_width": 80}):
+        with pytest.raises(ValueError, match="multiples of 32"):
+            write_tiny_svd(tmp_path / "bad", **widths)
 
 
 def test_unet_forward_on_8_frames_at_64x96(pipe):
