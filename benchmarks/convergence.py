@@ -17,21 +17,22 @@ the trained scale and off (`cnx.convergence`):
   (lower is better) and its contrast (higher is better; 0 for a video that does not
   move, 0.117 for the ground truth of these two dancers).
 
-It prints a table and five verdicts. Measured with the tiny profile's 800 steps
-(2 CPU cores; training 238-245 s, one measurement 27-29 s; control on unless said):
+It prints a table and five verdicts. Measured with the tiny profile's 600 steps
+(2 CPU cores; training 238-264 s, one measurement 35-38 s; control on unless said):
 
     seed  loss step 0 -> end  end: off  reversed poses  score step 0 -> end  end: off  contrast 0 -> end
-    0     0.3800 -> 0.3299    0.3403    0.3408          0.1620 -> 0.1568     0.1690    0.0012 -> 0.0055
-    1     0.3795 -> 0.3315    0.3581    0.3439          0.1575 -> 0.1580     0.1789    0.0016 -> 0.0078
-    2     0.3814 -> 0.3400    0.3451    0.3517          0.1575 -> 0.1528     0.1630    0.0012 -> 0.0058
+    0     0.2544 -> 0.2380    0.2653    0.2592          0.1641 -> 0.1519     0.1750    0.0008 -> 0.0112
+    1     0.2556 -> 0.2443    0.2626    0.2624          0.1655 -> 0.1449     0.1681    0.0005 -> 0.0176
+    2     0.2542 -> 0.2410    0.2571    0.2654          0.1625 -> 0.1445     0.1684    0.0007 -> 0.0160
 
-At every seed the loss falls, the right poses beat both no control and the same poses reversed
-(at step 0 the untrained control raises the loss by 1.0-1.5% and the order of the poses makes no
-difference), videos sampled with the control score better than without it, and their contrast
-grows 4.7-4.9 times (without the control it stays at 0.0005-0.0008). The score of videos sampled
-with the control improves at seeds 0 and 2 but not at seed 1 (0.1575 -> 0.1580).
-`tests/test_convergence.py` asserts the rest in CI. The sampled dancer still moves little: in
-notebook 05 the validation dancer's ground truth scores a contrast of 0.118, and 0.075 through the VAE.
+At every seed the loss falls (by 4.4-6.4%), the right poses beat both no control (by 6.3-10.3%)
+and the same poses reversed (by 6.9-9.2%; at step 0 the untrained control raises the loss by
+0.4-1.0% and the order of the poses makes no difference), the score of videos sampled with the
+control improves (by 7.4-12.4%) and beats the same model sampled without it (by 13.2-14.2%), and
+their contrast grows 14-35 times (without the control it stays at 0.0015-0.0024).
+`tests/test_convergence.py` asserts these in CI. At 800 steps (seed 0, training 306 s, over the
+5-minute budget) the contrast reached 0.0160 and the score 0.1399. The ground truth of the
+validation dancer scores a contrast of 0.118, and 0.075 through the VAE (notebook 05).
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ class FrameLatentCache:
     """The frozen VAE's posterior of each distinct frame, computed once.
 
     Training on fixed videos at a fixed crop shows the encoder the same frames again and
-    again (`data_samples`: 576 frames; an 800-step tiny run encodes 3200), and on a tiny model
+    again (`data_samples`: 576 frames; a 600-step tiny run encodes 2400), and on a tiny model
     the encoder is most of a step. A frame is keyed by its pixels' bytes, so a frame that an
     augmentation changed is a miss, never a wrong hit. Misses are encoded one frame at a time:
     a frame's posterior then does not depend on the frames beside it in the batch (batched

@@ -1,24 +1,22 @@
 """ControlNeXt training learns to use the control: `benchmarks/convergence.py`, guarded in CI.
 
 The guard against a dependency change that silently stops training from converging:
-the benchmark trains the tiny profile's run (800 steps, seed 0) through the real entry
+the benchmark trains the tiny profile's run (600 steps, seed 0) through the real entry
 point from the pretrained tiny SVD and measures held-out figures before and after. What
 held for every seed measured (0, 1 and 2 on 2 CPU cores; the benchmark's docstring has the
 table), as end / step 0 or end / the comparison:
 
-- the held-out loss falls: 0.868, 0.874 and 0.891;
-- the trained control lowers it against the same model without it: 0.969, 0.926 and
-  0.985, while at step 0 the untrained control raises it by 1.0-1.5%;
-- the right poses lower it against the same poses reversed in time: 0.968, 0.964 and
-  0.967, against 0.9999-1.0011 at step 0. So the control carries the poses, not just
+- the held-out loss falls: 0.936, 0.956 and 0.948;
+- the trained control lowers it against the same model without it: 0.897, 0.930 and
+  0.937, while at step 0 the untrained control raises it by 0.4-1.0%;
+- the right poses lower it against the same poses reversed in time: 0.918, 0.931 and
+  0.908, against 0.997-1.000 at step 0. So the control carries the poses, not just
   features the UNet got used to;
-- the contrast of sampled videos (`cnx.metrics.control_fidelity`: how much better each frame
-  shows its own pose than the others') grows 4.8, 4.9 and 4.7 times (0.0012-0.0016 ->
-  0.0055-0.0078); and at the end videos sampled with the control score better than without
-  it: 0.928, 0.883 and 0.937 (at step 0: 1.015, 0.987, 0.987).
-
-The fidelity score itself improved at seeds 0 and 2 (0.968, 0.970) but not at seed 1 (1.003),
-so it is reported by the benchmark and not asserted here.
+- the control fidelity score of sampled videos improves: 0.926, 0.876 and 0.889; at the end
+  videos sampled with the control score better than without it: 0.868, 0.862 and 0.858 (at
+  step 0: 1.033, 1.042, 1.023);
+- their contrast (`cnx.metrics.control_fidelity`: how much better each frame shows its own
+  pose than the others') grows 14, 35 and 23 times (0.0005-0.0008 -> 0.0112-0.0176).
 
 Each threshold sits between the trained and the untrained figures, with a margin.
 """
@@ -31,12 +29,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LOSS_FALLS = 0.95  # end / step 0 held-out loss below this (measured <= 0.891; untrained: 1)
-CONTROL_GAIN = 0.99  # trained: loss with the control < this x the loss without it (measured <= 0.985)
-UNTRAINED = 0.025  # step 0: the untrained control changes the held-out loss by less than this (<= 0.0154)
-RIGHT_POSES = 0.995  # trained: loss with the right poses < this x with them reversed (measured <= 0.968)
-CONTRAST_GAIN = 2.5  # contrast of sampled videos, end / step 0, above this (measured >= 4.6)
-FIDELITY_CONTROL = 0.98  # trained: score with the control < this x without it (measured <= 0.937)
+LOSS_FALLS = 0.975  # end / step 0 held-out loss below this (measured <= 0.956; untrained: 1)
+CONTROL_GAIN = 0.97  # trained: loss with the control < this x the loss without it (measured <= 0.937)
+UNTRAINED = 0.02  # step 0: the untrained control changes the held-out loss by less than this (<= 0.0095)
+RIGHT_POSES = 0.985  # loss with the right poses / reversed: trained below (<= 0.931), step 0 above (>= 0.997)
+FIDELITY_FALLS = 0.96  # end / step 0 control fidelity score below this (measured <= 0.926)
+FIDELITY_CONTROL = 0.93  # trained: score with the control < this x without it (measured <= 0.868)
+CONTRAST_GAIN = 5  # contrast of sampled videos, end / step 0, above this (measured >= 14)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +65,9 @@ def test_the_right_poses_beat_the_same_poses_reversed(figures):
 
 def test_control_fidelity_improves_and_the_control_beats_none(figures):
     start, end = figures["step_0"], figures["end"]
-    assert start["contrast"] > 0 and end["contrast"] > CONTRAST_GAIN * start["contrast"], (start, end)
+    assert end["fidelity"] < FIDELITY_FALLS * start["fidelity"], (start, end)
     assert end["fidelity"] < FIDELITY_CONTROL * end["fidelity_no_control"], end
+    assert start["contrast"] > 0 and end["contrast"] > CONTRAST_GAIN * start["contrast"], (start, end)
 
 
 def test_the_figures_are_complete_and_finite(figures):
@@ -76,4 +76,4 @@ def test_the_figures_are_complete_and_finite(figures):
     for when in ("step_0", "end"):
         assert set(figures[when]) == fields
         assert all(-1 < value < 10 for value in figures[when].values()), figures[when]
-    assert figures["steps"] == 800 and figures["trainable"] == "full"
+    assert figures["steps"] == 600 and figures["trainable"] == "full"
