@@ -98,7 +98,7 @@ def build_tiny_components(
     because the UNet's group norms use 32 groups. At width 32 each of those
     norms is per channel and removes every channel's spatial mean, which is
     where a latent keeps the frame's colour: such a UNet cannot copy the
-    reference's colour (measured: `cnx pretrain-tiny`'s README).
+    reference's colour (measured: README.md, "The pretrained tiny SVD").
     """
     import torch
     from diffusers import (
