@@ -10,13 +10,14 @@ as `cnx.tiny.write_tiny_svd`, in two stages on fresh synthetic clips
 1. the VAE (`AutoencoderKLTemporalDecoder`): reconstruction, MSE on pixels (of crops)
    plus a small KL term and a colour anchor (`vae_loss`), the temporal decoder
    started per frame (`start_per_frame`) decoding clips of `vae_frames` frames; scored by
-   PSNR on held-out dancers (`cnx.metrics.psnr`); stored in half precision (`cast_weights`)
-   to keep the folder small;
+   PSNR on held-out dancers (`cnx.metrics.psnr`);
 2. the UNet as an image-to-video model without pose: SVD's objective exactly as
    `cnx.train.training_step` computes it (first frame -> reference latent and
    CLIP embedding, log-normal sigmas, EDM preconditioning, conditioning
    dropout), with the trained VAE and the stand-in's CLIP encoder frozen;
    scored by the loss on a fixed held-out batch with fixed noise and sigmas.
+
+Both are stored in half precision (`cast_weights`) to keep the folder small.
 
 Every random draw comes from a generator seeded by (stage, seed, step) through
 `cnx.seeding`; the global RNGs are left as they were. The folder is written with
@@ -498,8 +499,8 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), pro
         unet_seconds = time.perf_counter() - started
 
     if config.float16:
-        cast_weights(vae, torch.float16)
-        cast_weights(unet, torch.float16)
+        for model in (vae, unet):
+            cast_weights(model, torch.float16)
     save_svd_folder(out_dir, unet, vae, image_encoder, scheduler)
     report = {
         "config": asdict(config),
