@@ -26,7 +26,7 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check .
 
-# A cell may take 150 s (notebook 05 trains for about 90 seconds in one cell). The limit also bounds
+# A cell may take 150 s (notebook 05 trains for 100-130 seconds in one cell). The limit also bounds
 # a rare stall: now and then the notebook client misses the wake-up for a reply the kernel has already
 # sent and only reads it when the cell's timeout fires (seen here with nbclient 0.11 /
 # jupyter_client 8.10: the cell passes after exactly the limit).

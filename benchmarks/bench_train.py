@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     net.to(device).train()
     if weight_dtype != torch.float32:  # accelerate's bf16: autocast around the trained model's forward only
         models.model.forward = torch.autocast(device.type, dtype=weight_dtype)(net.forward)
-    optimizer = train.build_optimizer(train.parameter_groups(net, options.adam_weight_decay), options)
+    optimizer = train.build_optimizer(train.parameter_groups(net, options.adam_weight_decay), options, device)
     bench = Bench(models, net, options, optimizer, trainable, device)
     build_s = time.perf_counter() - start
 

@@ -18,21 +18,22 @@ the trained scale and off (`cnx.convergence`):
   move, 0.117 for the ground truth of these two dancers).
 
 It prints a table and five verdicts. Measured with the tiny profile's 600 steps
-(2 CPU cores; training 238-264 s, one measurement 35-38 s; control on unless said):
+(2 CPU cores; training 208-247 s, one measurement 34-40 s; control on unless said):
 
     seed  loss step 0 -> end  end: off  reversed poses  score step 0 -> end  end: off  contrast 0 -> end
-    0     0.2544 -> 0.2380    0.2653    0.2592          0.1641 -> 0.1519     0.1750    0.0008 -> 0.0112
-    1     0.2556 -> 0.2443    0.2626    0.2624          0.1655 -> 0.1449     0.1681    0.0005 -> 0.0176
-    2     0.2542 -> 0.2410    0.2571    0.2654          0.1625 -> 0.1445     0.1684    0.0007 -> 0.0160
+    0     0.2544 -> 0.2382    0.2644    0.2588          0.1641 -> 0.1522     0.1756    0.0008 -> 0.0112
+    1     0.2556 -> 0.2444    0.2626    0.2624          0.1655 -> 0.1446     0.1677    0.0005 -> 0.0175
+    2     0.2542 -> 0.2401    0.2564    0.2645          0.1625 -> 0.1447     0.1687    0.0007 -> 0.0161
 
-At every seed the loss falls (by 4.4-6.4%), the right poses beat both no control (by 6.3-10.3%)
+At every seed the loss falls (by 4.4-6.4%), the right poses beat both no control (by 6.4-9.9%)
 and the same poses reversed (by 6.9-9.2%; at step 0 the untrained control raises the loss by
-0.4-1.0% and the order of the poses makes no difference), the score of videos sampled with the
-control improves (by 7.4-12.4%) and beats the same model sampled without it (by 13.2-14.2%), and
-their contrast grows 14-35 times (without the control it stays at 0.0015-0.0024).
-`tests/test_convergence.py` asserts these in CI. At 800 steps (seed 0, training 306 s, over the
-5-minute budget) the contrast reached 0.0160 and the score 0.1399. The ground truth of the
-validation dancer scores a contrast of 0.118, and 0.075 through the VAE (notebook 05).
+0.4-0.9% and the order of the poses makes no difference), the score of videos sampled with the
+control improves (by 7.2-12.7%) and beats the same model sampled without it (by 13.3-14.2%), and
+their contrast grows 15-35 times (without the control it stays at 0.0015-0.0024).
+`tests/test_convergence.py` asserts these in CI. Before the video cache and the fused CPU AdamW
+the same runs took 238-264 s with figures within 0.0009 of these. At 800 steps (seed 0, training
+306 s then, over the 5-minute budget) the contrast reached 0.0160 and the score 0.1399. The ground
+truth of the validation dancer scores a contrast of 0.118, and 0.075 through the VAE (notebook 05).
 """
 
 from __future__ import annotations

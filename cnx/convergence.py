@@ -131,26 +131,53 @@ def validation_sets(heldout_dir: str | Path, num_frames: int):
 
 
 @torch.no_grad()
-def sampled_fidelity(pipe, validations, options, control_scale: float, steps: int = SAMPLING_STEPS) -> dict:
-    """Mean metrics (`cnx.validate.score`) of videos sampled for each validation set, fixed seeds."""
+def sample_video(
+    pipe, validations, index: int, options, control_scale: float, videos=None, steps=SAMPLING_STEPS
+):
+    """(F, H, W, 3) uint8: validation set `index` animated by `pipe`, with that set's fixed seed.
+
+    `videos` (a dict) keeps what was sampled, keyed by set, scale and steps: a notebook that
+    shows, measures and ablates one model samples each of its videos once.
+    """
     from cnx.generate import to_uint8
+
+    key = (index, float(control_scale), steps)
+    if videos is not None and key in videos:
+        return videos[key]
+    validation = validations[index]
+    frames = pipe(
+        validation.reference,
+        validation.poses,
+        height=options.height,
+        width=options.width,
+        num_inference_steps=steps,
+        control_scale=control_scale,
+        max_guidance_scale=SAMPLING_GUIDANCE,
+        generator=stream_generator(HELDOUT_STREAM, "sample", index),
+        decode_chunk_size=options.decode_chunk_size,
+        output_type="np",
+    ).frames[0]
+    video = to_uint8(frames)
+    if videos is not None:
+        videos[key] = video
+    return video
+
+
+def sampled_fidelity(
+    pipe, validations, options, control_scale: float, steps=SAMPLING_STEPS, videos=None
+) -> dict:
+    """Mean metrics (`cnx.validate.score`) of videos sampled for each validation set, fixed seeds."""
     from cnx.validate import score
 
-    results = []
-    for i, validation in enumerate(validations):
-        frames = pipe(
-            validation.reference,
-            validation.poses,
-            height=options.height,
-            width=options.width,
-            num_inference_steps=steps,
-            control_scale=control_scale,
-            max_guidance_scale=SAMPLING_GUIDANCE,
-            generator=stream_generator(HELDOUT_STREAM, "sample", i),
-            decode_chunk_size=options.decode_chunk_size,
-            output_type="np",
-        ).frames[0]
-        results.append(score(to_uint8(frames), validation, options.height, options.width))
+    results = [
+        score(
+            sample_video(pipe, validations, i, options, control_scale, videos, steps),
+            v,
+            options.height,
+            options.width,
+        )
+        for i, v in enumerate(validations)
+    ]
     return {key: sum(r[key] for r in results) / len(results) for key in results[0]}
 
 
@@ -167,12 +194,14 @@ class Figures:
     contrast_no_control: float
 
 
-def measure(pipe, batches, validations, options, num_sigmas: int = 4, steps: int = SAMPLING_STEPS) -> Figures:
-    """All the figures of the model in `pipe` (a ControlNeXtSVDPipeline)."""
+def measure(
+    pipe, batches, validations, options, num_sigmas: int = 4, steps: int = SAMPLING_STEPS, videos=None
+) -> Figures:
+    """All the figures of the model in `pipe` (a ControlNeXtSVDPipeline); `videos`: see `sample_video`."""
     models = models_of(pipe)
     scale = options.control_scale
-    on = sampled_fidelity(pipe, validations, options, scale, steps)
-    off = sampled_fidelity(pipe, validations, options, 0.0, steps)
+    on = sampled_fidelity(pipe, validations, options, scale, steps, videos)
+    off = sampled_fidelity(pipe, validations, options, 0.0, steps, videos)
     return Figures(
         loss=heldout_loss(models, batches, options, scale, num_sigmas),
         loss_no_control=heldout_loss(models, batches, options, 0.0, num_sigmas),

@@ -411,6 +411,29 @@ def cached_detections(path: str | Path) -> tuple[FrameDetections, ...]:
     return _detections(str(path), stat.st_mtime_ns, stat.st_size)
 
 
+class DecodedVideos:
+    """Whole videos decoded once and kept in host memory, up to `max_bytes`; then served from there.
+
+    For small datasets read for many epochs (the tiny profile's eight dancers): opening and
+    decoding two videos per sample costs more than the training step's data needs. A video that
+    no longer fits is decoded per sample as usual, so a large dataset only fills the budget.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.used = int(max_bytes), 0
+        self.videos: dict[tuple, np.ndarray] = {}  # (path, decode size) -> (N, h, w, 3) uint8
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        return self.videos.get(key)
+
+    def room_for(self, frame_bytes: int, num_frames: int) -> bool:
+        return self.used + frame_bytes * num_frames <= self.max_bytes
+
+    def keep(self, key: tuple, frames: np.ndarray) -> None:
+        self.videos[key] = frames
+        self.used += frames.nbytes
+
+
 class ClipDataset(torch.utils.data.Dataset):
     """Training clips for ControlNeXt-SVD from a meta_info.json (the original code's `--dataset_type ubc`).
 
@@ -445,6 +468,7 @@ class ClipDataset(torch.utils.data.Dataset):
         ref_augment: bool = False,
         max_failure_fraction: float = 0.01,
         check: bool = True,
+        video_cache_mb: int = 0,
     ):
         self.meta_info_path = Path(meta_info_path)
         self.width, self.height = int(width), int(height)
@@ -452,6 +476,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.seed, self.deterministic, self.ref_augment = int(seed), bool(deterministic), bool(ref_augment)
         self.max_failure_fraction = float(max_failure_fraction)
         self.epoch = 0
+        self.videos = DecodedVideos(video_cache_mb * 2**20) if video_cache_mb > 0 else None
         if self.sample_n_frames < 1 or self.width < 1 or self.height < 1:
             raise ValueError("width, height and sample_n_frames must be positive")
         report = check_meta_info(
@@ -496,6 +521,16 @@ class ClipDataset(torch.utils.data.Dataset):
         shown = str(self.entries[index].video_path)
         return SampleError(str(Problem(index, shown, message)), index=index, path=str(path or shown))
 
+    def _read(self, reader, key: tuple, size: tuple[int, int], wanted: np.ndarray) -> np.ndarray:
+        """Frames `wanted` (U, h, w, 3); a whole video is decoded and kept when the cache has room."""
+        if isinstance(reader, np.ndarray):
+            return reader[wanted]
+        if self.videos is not None and self.videos.room_for(size[0] * size[1] * 3, len(reader)):
+            frames = video.read_frames(reader)  # (N, h, w, 3)
+            self.videos.keep(key, frames)
+            return frames[wanted]
+        return video.read_frames(reader, wanted.tolist())
+
     def sample(self, index: int, epoch: int | None = None) -> dict:
         """One training sample (see the class docstring); raises SampleError when its files fail."""
         if not 0 <= index < len(self.entries):
@@ -516,10 +551,13 @@ class ClipDataset(torch.utils.data.Dataset):
             raise self._error(index, mismatch, entry.guide_path)
         # The crop's size does not depend on where it sits, so the decode size is known before any draw.
         centred = crop_window(src_width, src_height, self.width, self.height)
-        readers = []
-        for (what, path), (w, h) in zip(files, sizes, strict=True):
+        # (width, height) each video is decoded at; decord keeps the source size when given None.
+        decoded_sizes = [decode_size(w, h, centred, self.width, self.height) for w, h in sizes]
+        readers = []  # a decord reader, or the whole video already decoded (`video_cache_mb`)
+        for (what, path), size in zip(files, decoded_sizes, strict=True):
+            cached = self.videos.get((str(path), size)) if self.videos is not None else None
             try:
-                readers.append(video.open_video(path, decode_size(w, h, centred, self.width, self.height)))
+                readers.append(cached if cached is not None else video.open_video(path, size))
             except video.VideoReadError as err:
                 raise self._error(index, f"{what}: {err}", path) from err
         num_video, num_pose = map(len, readers)
@@ -542,9 +580,9 @@ class ClipDataset(torch.utils.data.Dataset):
         # wanted[order] == frame_indices
         order = torch.from_numpy(np.searchsorted(wanted, clip.frame_indices))
         decoded = []
-        for (what, path), reader in zip(files, readers, strict=True):
+        for (what, path), source, size, reader in zip(files, sizes, decoded_sizes, readers, strict=True):
             try:
-                decoded.append(video.read_frames(reader, wanted.tolist()))
+                decoded.append(self._read(reader, (str(path), size), size or source, wanted))
             except video.VideoReadError as err:
                 raise self._error(index, f"{what}: {path}: {err}", path) from err
         video_uint8, pose_uint8 = decoded  # (U, h, w, 3) and (U, h', w', 3) uint8 RGB, at decode size

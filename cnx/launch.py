@@ -54,6 +54,7 @@ PROFILE_FLAGS = {
         "use_ema": True,
         "num_workers": 0,
         "latent_cache_mb": 64,  # data_samples' 576 frames take 7 MiB: each is encoded once, not every step
+        "video_cache_mb": 128,  # data_samples' 16 videos decoded take 81 MiB: each is decoded once
     },
     # The original README's command.
     "full": {

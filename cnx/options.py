@@ -126,6 +126,11 @@ class TrainingOptions:
         "keep up to this many MiB of VAE posteriors per process in host memory, one per distinct frame, "
         "so a frame is encoded once (fixed videos, fixed crops: small datasets); 0: encode every step",
     )
+    video_cache_mb: int = _option(
+        0,
+        "keep up to this many MiB of whole decoded videos per data process in host memory, so each is "
+        "opened and decoded once (small datasets); 0: decode each sample's frames from the file",
+    )
     # Noise and conditioning
     sigma_sampler: str = _option(
         "lognormal",
@@ -148,7 +153,7 @@ class TrainingOptions:
         None, "a checkpoint folder, or 'latest' in --output_dir; restores weights, optimizer, schedule, step"
     )
     validation_steps: int = _option(500, "validate every N optimizer steps")
-    num_validation_images: int = _option(1, "validation videos generated each time")
+    num_validation_images: int = _option(1, "validation videos generated each time; 0: no validation")
     num_frames: int = _option(
         14, "frames generated at validation (the original's meaning; clips: --sample_n_frames)"
     )
@@ -187,12 +192,18 @@ class TrainingOptions:
         at_least_one = (
             "sample_n_frames", "num_frames", "per_gpu_batch_size", "gradient_accumulation_steps",
             "num_train_epochs", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
-            "validation_steps", "num_validation_images", "decode_chunk_size",
+            "validation_steps", "decode_chunk_size",
         )  # fmt: skip
         for name in at_least_one:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 found.append(f"--{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr_warmup_steps", "num_workers", "latent_cache_mb"):
+        for name in (
+            "lr_warmup_steps",
+            "num_workers",
+            "latent_cache_mb",
+            "video_cache_mb",
+            "num_validation_images",
+        ):
             if getattr(self, name) < 0:
                 found.append(f"--{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("conditioning_dropout_prob", "max_bad_sample_fraction"):

@@ -321,6 +321,28 @@ def test_one_get_batch_per_video_per_clip(dataset_dir, monkeypatch):
     assert calls[0] == sorted(calls[0])  # increasing order: decord never seeks back
 
 
+def test_the_video_cache_decodes_each_video_once_and_changes_no_sample(dataset_dir, monkeypatch):
+    opened = []
+    real_open = cnx.video.open_video
+    monkeypatch.setattr(
+        cnx.video, "open_video", lambda path, size=None: opened.append(path) or real_open(path, size)
+    )
+    meta = dataset_dir / "meta_info.json"
+    plain = ClipDataset(meta, width=64, height=96, sample_n_frames=8, interval_frame=3)
+    cached = ClipDataset(meta, width=64, height=96, sample_n_frames=8, interval_frame=3, video_cache_mb=64)
+    keys = ("pixel_values", "pose_frames", "reference_image", "hand_weights", "frame_indices")
+    for epoch in range(3):
+        for index in range(3):
+            a, b = plain.sample(index, epoch), cached.sample(index, epoch)
+            assert all(torch.equal(a[k], b[k]) for k in keys)
+    assert len(opened) == 3 * 3 * 2 + 3 * 2  # plain: every sample opens both videos; cached: once each
+    assert len(cached.videos.videos) == 6 and 0 < cached.videos.used <= 64 * 2**20
+    # A budget too small for one video leaves the cache empty and the samples the same.
+    small = ClipDataset(meta, width=64, height=96, sample_n_frames=8, interval_frame=3, video_cache_mb=0.1)
+    assert torch.equal(small.sample(1, 2)["pixel_values"], plain.sample(1, 2)["pixel_values"])
+    assert small.videos.used == 0
+
+
 def test_deterministic_mode_returns_the_same_centred_clip_every_epoch(dataset_dir):
     ds = ClipDataset(
         dataset_dir / "meta_info.json",

@@ -255,10 +255,16 @@ def test_help_flag_prints_and_exits_0(capsys):
         (["--trainable=lora", "--rank=0"], "--trainable=lora needs --rank of at least 1, got 0"),
         (["--validation_image=/r.png"], "missing --validation_image_folder, --validation_control_folder"),
         (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--num_validation_images=-1"], "--num_validation_images must be 0 or more, got -1"),
+        (["--video_cache_mb=-5"], "--video_cache_mb must be 0 or more, got -5"),
     ],
 )
 def test_each_problem_is_one_line_and_exit_2(paths, capsys, flags, expected):
     assert expected in refused(capsys, minimal(paths, *flags))
+
+
+def test_zero_validation_images_means_no_validation(paths):
+    assert parse_options(minimal(paths, "--num_validation_images=0")).num_validation_images == 0
 
 
 def test_missing_data_list_is_refused(capsys):

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from cnx.profiles import PROFILES, TINY_SVD, ensure_model, get_profile
+from cnx.profiles import PROFILES, TINY_SVD, cpu_has_bfloat16, ensure_model, get_profile
 
 
 def test_tiny_is_the_default_and_the_environment_overrides(monkeypatch):
@@ -41,3 +41,14 @@ def test_a_missing_model_folder_stops_with_the_command_that_makes_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         ensure_model(missing_pretrained)
     assert ensure_model(PROFILES["full"]) is PROFILES["full"]  # a hub id is diffusers' business
+
+
+def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor : 0\nflags : fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_bfloat16(cpuinfo)
+    cpuinfo.write_text("processor : 0\nflags : fpu avx2 amx_bf16 amx_tile\n")
+    assert cpu_has_bfloat16(cpuinfo)
+    cpuinfo.write_text("processor : 0\nflags : fpu avx2 avx512f avx512bf16x\n")
+    assert not cpu_has_bfloat16(cpuinfo)
+    assert not cpu_has_bfloat16(tmp_path / "absent")  # not Linux

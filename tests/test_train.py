@@ -97,6 +97,29 @@ def test_pitfall_9_two_parameter_groups_without_decay_on_norms_and_biases(setup)
     assert biases <= {id(p) for p in no_decay["params"]}
 
 
+def test_the_fused_cpu_optimizer_steps_as_the_plain_one_does(setup):
+    options = setup[0]
+    weights = [torch.randn(64, 32), torch.randn(32)]
+    grads = [torch.randn_like(w) for w in weights]
+    stepped = []
+    for optimizer_of in (
+        lambda groups: train.build_optimizer(groups, options, "cpu"),
+        lambda groups: torch.optim.AdamW(groups, lr=options.learning_rate, fused=False),
+    ):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        optimizer = optimizer_of([{"params": params[:1], "weight_decay": 0.01}, {"params": params[1:]}])
+        for _ in range(3):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+        stepped.append((optimizer, params))
+    (fused, fused_params), (_, plain_params) = stepped
+    assert fused.defaults["fused"] is True
+    for a, b in zip(fused_params, plain_params, strict=True):
+        torch.testing.assert_close(a, b)
+        assert not torch.equal(a, weights[0] if a.ndim == 2 else weights[1])  # it did step
+
+
 def test_pitfall_7_warm_up_works_with_the_constant_schedule(setup):
     options = parse_options(options_for("x", "y", "--lr_warmup_steps=4", "--learning_rate=1e-3"))
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
