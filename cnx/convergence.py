@@ -169,15 +169,10 @@ def sampled_fidelity(
     """Mean metrics (`cnx.validate.score`) of videos sampled for each validation set, fixed seeds."""
     from cnx.validate import score
 
-    results = [
-        score(
-            sample_video(pipe, validations, i, options, control_scale, videos, steps),
-            v,
-            options.height,
-            options.width,
-        )
-        for i, v in enumerate(validations)
-    ]
+    results = []
+    for i, validation in enumerate(validations):
+        video = sample_video(pipe, validations, i, options, control_scale, videos, steps)
+        results.append(score(video, validation, options.height, options.width))
     return {key: sum(r[key] for r in results) / len(results) for key in results[0]}
 
 
