@@ -263,7 +263,7 @@ def test_each_problem_is_one_line_and_exit_2(paths, capsys, flags, expected):
     assert expected in refused(capsys, minimal(paths, *flags))
 
 
-def test_zero_validation_images_means_no_validation(paths):
+def test_zero_validation_images_is_accepted(paths):  # 0: the trainer validates nothing
     assert parse_options(minimal(paths, "--num_validation_images=0")).num_validation_images == 0
 
 
