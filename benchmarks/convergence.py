@@ -1,6 +1,6 @@
 """Does ControlNeXt training learn? Train from the pretrained tiny SVD, measure before and after.
 
-    .venv/bin/python benchmarks/convergence.py                 # about 5.5 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/convergence.py                 # about 4.5 minutes on 2 CPU cores
     .venv/bin/python benchmarks/convergence.py --seed 1 --json figures.json -- --max_train_steps=100
 
 Trains ControlNeXt on `data_samples` through the real entry point (`python -m
@@ -18,22 +18,25 @@ the trained scale and off (`cnx.convergence`):
   move, 0.117 for the ground truth of these two dancers).
 
 It prints a table and five verdicts. Measured with the tiny profile's 600 steps
-(2 CPU cores; training 208-247 s, one measurement 34-40 s; control on unless said):
+(2 CPU cores; training under bf16 autocast, `-- --mixed_precision=bf16`, as the CI test runs it
+where the CPU computes bfloat16 natively, 163-170 s; in float32 206 s; one measurement 30-35 s;
+control on unless said):
 
-    seed  loss step 0 -> end  end: off  reversed poses  score step 0 -> end  end: off  contrast 0 -> end
-    0     0.2544 -> 0.2382    0.2644    0.2588          0.1641 -> 0.1522     0.1756    0.0008 -> 0.0112
-    1     0.2556 -> 0.2444    0.2626    0.2624          0.1655 -> 0.1446     0.1677    0.0005 -> 0.0175
-    2     0.2542 -> 0.2401    0.2564    0.2645          0.1625 -> 0.1447     0.1687    0.0007 -> 0.0161
+    seed       loss step 0 -> end  end: off  reversed poses  score step 0 -> end  end: off  contrast 0 -> end
+    0          0.2538 -> 0.2275    0.2510    0.2503          0.1620 -> 0.1483     0.1759    0.0013 -> 0.0130
+    1          0.2549 -> 0.2312    0.2573    0.2548          0.1619 -> 0.1486     0.1791    0.0012 -> 0.0200
+    2          0.2536 -> 0.2333    0.2574    0.2619          0.1593 -> 0.1436     0.1683    0.0013 -> 0.0156
+    0 float32  0.2538 -> 0.2288    0.2540    0.2496          0.1620 -> 0.1459     0.1651    0.0013 -> 0.0100
 
-At every seed the loss falls (by 4.4-6.4%), the right poses beat both no control (by 6.4-9.9%)
-and the same poses reversed (by 6.9-9.2%; at step 0 the untrained control raises the loss by
-0.4-0.9% and the order of the poses makes no difference), the score of videos sampled with the
-control improves (by 7.2-12.7%) and beats the same model sampled without it (by 13.3-14.2%), and
-their contrast grows 15-35 times (without the control it stays at 0.0015-0.0024).
-`tests/test_convergence.py` asserts these in CI. Before the video cache and the fused CPU AdamW
-the same runs took 238-264 s with figures within 0.0009 of these. At 800 steps (seed 0, training
-306 s then, over the 5-minute budget) the contrast reached 0.0160 and the score 0.1399. The ground
-truth of the validation dancer scores a contrast of 0.118, and 0.075 through the VAE (notebook 05).
+In every run the loss falls (by 8.0-10.4%), the right poses beat both no control (by 9.4-10.1%)
+and the same poses reversed (by 8.3-10.9%; at step 0 the untrained control raises the loss by
+0.2-0.7% and the order of the poses makes no difference), the score of videos sampled with the
+control improves (by 8.2-10.0%) and beats the same model sampled without it (by 11.6-17.0%), and
+their contrast grows 7.6-16.8 times (without the control it stays at 0.0012-0.0014).
+`tests/test_convergence.py` asserts these in CI. With the previous pretrained tiny SVD (VAE at
+24.9 dB instead of 26.5) the same runs reached a loss fall of only 4.1-6.4% and a contrast of
+0.0112-0.0176. The ground truth of the validation dancer scores a contrast of 0.118, and 0.081
+through the VAE (notebook 05).
 """
 
 from __future__ import annotations

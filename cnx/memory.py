@@ -223,13 +223,17 @@ def full_components_on_meta():
 
 
 def tiny_components():
-    """The stand-in's UNet, VAE, image encoder and ControlNeXt (built for real: they are small)."""
+    """The stand-in's UNet, VAE, image encoder and ControlNeXt (built for real: they are small).
+
+    The widths are those of the pretrained tiny SVD the tiny profile trains from (`cnx.pretrain`).
+    """
     from cnx.controlnext import ControlNeXt, controlnext_config_for
+    from cnx.pretrain import PretrainConfig
     from cnx.tiny import build_tiny_components
 
     tiny = PROFILES["tiny"]
     unet, vae, image_encoder, _ = build_tiny_components(
-        unet_width=tiny.unet_width, unet_inner_width=tiny.unet_inner_width
+        unet_width=tiny.unet_width, unet_inner_width=tiny.unet_inner_width, vae_width=PretrainConfig.vae_width
     )
     return unet, vae, image_encoder, ControlNeXt(**controlnext_config_for(tiny.unet_width))
 

@@ -70,7 +70,7 @@ def test_through_vae_is_the_vaes_round_trip():
     )
     decoded = convergence.through_vae(pretrained, frames)
     assert decoded.shape == frames.shape and decoded.dtype == np.uint8
-    # Measured: 23.8 dB through the pretrained VAE (23.3 in chunks of 2), 13.3 through the random stand-in's.
+    # Measured: 25.8 dB through the pretrained VAE (also in chunks of 2), 13.3 through the random stand-in's.
     untrained = convergence.through_vae(build_tiny_components(0)[1].eval(), frames)
     assert psnr(decoded, frames).mean() > psnr(untrained, frames).mean() + 5
     # Its temporal decoder started per frame (`cnx.pretrain.start_per_frame`) and trained on clips of

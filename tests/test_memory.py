@@ -30,6 +30,17 @@ def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def test_the_tiny_plan_counts_the_models_the_tiny_profile_loads():
+    from pathlib import Path
+
+    from cnx.profiles import TINY as PROFILE
+
+    shipped = Path(PROFILE.pretrained_model_name_or_path)
+    for module, name in zip(tiny_components()[:2], ("unet", "vae"), strict=True):
+        config = json.loads((shipped / name / "config.json").read_text())
+        assert list(module.config.block_out_channels) == config["block_out_channels"], name
+
+
 @pytest.mark.parametrize("trainable", ["full", "controlnext", "lora"])
 def test_weights_gradients_and_optimizer_states_equal_a_real_steps_tensors(trainable):
     torch.manual_seed(0)

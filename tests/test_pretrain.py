@@ -154,6 +154,45 @@ def test_the_colour_anchor_decays_with_the_learning_rate(decay, monkeypatch):
     assert weights == pytest.approx([2.0 * f for f in factors])
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+def test_training_steps_of_both_stages_run_under_bf16_autocast_exactly_when_asked(bf16, monkeypatch):
+    import cnx.pretrain
+
+    seen = []  # (stage, autocast on, its dtype) per training step
+
+    def spy(stage, loss):
+        def wrapped(*args, **kwargs):
+            if stage == "vae" or len(args) == 3:  # held-out UNet losses pass fixed sigmas as a 4th
+                seen.append((stage, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return loss(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(cnx.pretrain, "vae_loss", spy("vae", cnx.pretrain.vae_loss))
+    monkeypatch.setattr(cnx.pretrain, "svd_loss", spy("unet", cnx.pretrain.svd_loss))
+    config = PretrainConfig(
+        width=32, height=32, vae_steps=2, vae_batch_size=1, vae_crop=16, unet_steps=2, num_frames=2,
+        warmup=1, bf16=bf16,
+    )  # fmt: skip
+    unet, vae, image_encoder, _ = build_tiny_components(0, 64, 64, 2, 64)
+    image_encoder.requires_grad_(False)
+    heldout = synthetic_batch(("heldout",), 1, 2, 3, 32, 32)
+    train_vae(vae, config, heldout, False)
+    cnx.pretrain.train_unet(unet, vae, image_encoder, config, heldout, False)
+    assert seen == [("vae", bf16, torch.bfloat16)] * 2 + [("unet", bf16, torch.bfloat16)] * 2
+
+
+def test_the_vae_loss_is_float32_under_bf16_autocast_and_close_to_the_float32_loss():
+    _, vae, _, _ = build_tiny_components(0)
+    clips = synthetic_batch(("bf16",), 2, 2, 3, 32, 32)
+    losses = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=enabled):
+            losses.append(vae_loss(vae, clips, 1e-6, torch.Generator().manual_seed(0), 1.0))
+    assert losses[1].dtype == torch.float32
+    assert float(losses[1]) == pytest.approx(float(losses[0]), rel=0.02)
+
+
 def test_the_same_seed_gives_the_same_bytes(runs):
     (a, _), (b, _) = runs
     for name in WEIGHTS + ["unet/config.json", "vae/config.json", "model_index.json"]:
