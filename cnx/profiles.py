@@ -94,7 +94,9 @@ def cpu_has_bfloat16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX; Linux's flags).
 
     There bf16 autocast trains the tiny model about 10% faster; elsewhere the same autocast is
-    emulated and slower, so the tiny profile stays float32 and only a caller that checks asks for it.
+    emulated and slower, so the tiny profile stays float32 and only a caller that checks asks for it
+    (notebook 05, the convergence test). `cnx pretrain-tiny` asks by default and says so where this
+    is False.
     """
     try:
         flags = Path(cpuinfo).read_text().split()
