@@ -19,24 +19,23 @@ the trained scale and off (`cnx.convergence`):
 
 It prints a table and five verdicts. Measured with the tiny profile's 600 steps
 (2 CPU cores; training under bf16 autocast, `-- --mixed_precision=bf16`, as the CI test runs it
-where the CPU computes bfloat16 natively, 163-170 s; in float32 206 s; one measurement 30-35 s;
-control on unless said):
+where the CPU computes bfloat16 natively, 200-218 s; one measurement 35-39 s; control on unless
+said):
 
     seed       loss step 0 -> end  end: off  reversed poses  score step 0 -> end  end: off  contrast 0 -> end
-    0          0.2538 -> 0.2275    0.2510    0.2503          0.1620 -> 0.1483     0.1759    0.0013 -> 0.0130
-    1          0.2549 -> 0.2312    0.2573    0.2548          0.1619 -> 0.1486     0.1791    0.0012 -> 0.0200
-    2          0.2536 -> 0.2333    0.2574    0.2619          0.1593 -> 0.1436     0.1683    0.0013 -> 0.0156
-    0 float32  0.2538 -> 0.2288    0.2540    0.2496          0.1620 -> 0.1459     0.1651    0.0013 -> 0.0100
+    0          0.2577 -> 0.2360    0.2614    0.2618          0.1636 -> 0.1473     0.1722    0.0019 -> 0.0138
+    1          0.2583 -> 0.2446    0.2648    0.2707          0.1640 -> 0.1486     0.1776    0.0017 -> 0.0236
+    2          0.2573 -> 0.2240    0.2508    0.2553          0.1611 -> 0.1444     0.1641    0.0019 -> 0.0150
 
-In every run the loss falls (by 8.0-10.4%), the right poses beat both no control (by 9.4-10.1%)
-and the same poses reversed (by 8.3-10.9%; at step 0 the untrained control raises the loss by
-0.2-0.7% and the order of the poses makes no difference), the score of videos sampled with the
-control improves (by 8.2-10.0%) and beats the same model sampled without it (by 11.6-17.0%), and
-their contrast grows 7.6-16.8 times (without the control it stays at 0.0012-0.0014).
-`tests/test_convergence.py` asserts these in CI. With the previous pretrained tiny SVD (VAE at
-24.9 dB instead of 26.5) the same runs reached a loss fall of only 4.1-6.4% and a contrast of
-0.0112-0.0176. The ground truth of the validation dancer scores a contrast of 0.118, and 0.081
-through the VAE (notebook 05).
+In every run the loss falls (by 5.3-13.0%), the right poses beat both no control (by 7.6-10.7%)
+and the same poses reversed (by 9.6-12.3%; at step 0 the untrained control changes the loss by
+0.4-0.8% and the order of the poses makes no difference), the score of videos sampled with the
+control improves (by 9.4-10.4%) and beats the same model sampled without it (by 12.0-16.3%), and
+their contrast grows 7.1-13.8 times. `tests/test_convergence.py` asserts these in CI. From the
+previous pretrained tiny SVD (VAE at 26.5 dB instead of 26.7) the same runs gave a loss fall of
+8.0-10.4% and a contrast growth of 7.6-16.8 times (seeds 0-2 bf16, seed 0 float32); from the one
+before it (24.9 dB), a loss fall of only 4.1-6.4%. The ground truth of the validation dancer
+scores a contrast of 0.118, and 0.081 through the VAE (notebook 05).
 """
 
 from __future__ import annotations

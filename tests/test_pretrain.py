@@ -15,6 +15,7 @@ from cnx.pipeline import ControlNeXtSVDPipeline
 from cnx.pretrain import (
     PretrainConfig,
     WithoutControl,
+    contiguous_group_norms,
     cosine_lr,
     heldout_psnr,
     heldout_sets,
@@ -191,6 +192,22 @@ def test_the_vae_loss_is_float32_under_bf16_autocast_and_close_to_the_float32_lo
             losses.append(vae_loss(vae, clips, 1e-6, torch.Generator().manual_seed(0), 1.0))
     assert losses[1].dtype == torch.float32
     assert float(losses[1]) == pytest.approx(float(losses[0]), rel=0.02)
+
+
+def test_group_norms_get_contiguous_inputs_with_the_same_output_until_the_hooks_go():
+    norm = torch.nn.GroupNorm(4, 8)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last)  # as oneDNN's bf16 convs give
+    expected = torch.nn.functional.group_norm(x.contiguous(), 4, norm.weight, norm.bias)
+    handles = contiguous_group_norms(torch.nn.Sequential(torch.nn.Identity(), norm))
+    assert len(handles) == 1
+    seen = []  # what the norm itself receives: this hook runs after the copy
+    norm.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    torch.testing.assert_close(norm(x), expected)
+    for handle in handles:
+        handle.remove()
+    norm(x)
+    assert seen == [True, False]  # the copy ran before the norm, and is gone with its hook
 
 
 def test_the_same_seed_gives_the_same_bytes(runs):
