@@ -1,11 +1,112 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files, and the convergence run, which trains in the background."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
+from cnx.profiles import cpu_has_bfloat16
 from cnx.tiny import write_tiny_svd
+
+ROOT = Path(__file__).resolve().parent.parent
+CONVERGENCE_TESTS = "test_convergence.py"
+# What runs after the convergence run, on both cores: notebook 05 trains for two minutes in one cell.
+AFTER_CONVERGENCE = {"05_validation_analysis.ipynb"}
+CONVERGENCE_RUN = pytest.StashKey["ConvergenceRun"]()
 
 
 @pytest.fixture(scope="session")
 def tiny_svd_dir(tmp_path_factory):
     """A stand-in SVD pipeline folder (seed 0), written once per test session."""
     return write_tiny_svd(tmp_path_factory.mktemp("tiny-svd") / "svd", seed=0)
+
+
+class ConvergenceRun:
+    """`benchmarks/convergence.py` (seed 0) in a subprocess; `figures()` waits for its result.
+
+    It trains on one core and everything else in this session on the other, one thread each,
+    until `figures()` returns: two processes of two threads each on two cores mostly wait for each
+    other (tried: the training ran at under half its speed and the tests slowed as much).
+    """
+
+    def __init__(self, timeout_s: float = 1500):
+        self.folder = Path(tempfile.mkdtemp(prefix="cnx-convergence-test-"))
+        self.log = self.folder / "convergence.log"
+        command = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--json", str(self.out)]
+        if cpu_has_bfloat16() and not torch.cuda.is_available():  # as notebook 05's run
+            command += ["--", "--mixed_precision=bf16"]
+        self.threads = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"  # for the run and every process this session starts
+        torch.set_num_threads(1)
+        with self.log.open("w") as log:  # a file, not a pipe: nothing reads it until the end
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+            )
+        self.deadline = time.monotonic() + timeout_s
+
+    @property
+    def out(self) -> Path:
+        return self.folder / "figures.json"
+
+    def figures(self) -> dict:
+        try:
+            code = self.process.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        finally:
+            self.give_back_the_core()
+        assert code == 0, self.log.read_text(errors="replace")[-3000:]
+        return json.loads(self.out.read_text())
+
+    def give_back_the_core(self) -> None:
+        threads, variable = self.threads
+        torch.set_num_threads(threads)
+        if variable is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = variable
+
+    def stop(self) -> None:
+        """Kill the run and the training it started (its own process group), if still running."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected
+def pytest_collection_modifyitems(config, items):
+    """Start the convergence run now, in the background, and order the session around it.
+
+    It trains and samples for about five minutes on one core while the other tests and the
+    notebooks run on the other (the tests use 1.3 cores when alone). Then its tests wait for it,
+    and what is in AFTER_CONVERGENCE runs last, with both cores.
+    """
+    guarded = [item for item in items if item.path.name == CONVERGENCE_TESTS]
+    if not guarded or config.option.collectonly:
+        return
+    after = [item for item in items if item.path.name in AFTER_CONVERGENCE]
+    beside = [item for item in items if item.path.name not in AFTER_CONVERGENCE | {CONVERGENCE_TESTS}]
+    items[:] = beside + guarded + after
+    config.stash[CONVERGENCE_RUN] = ConvergenceRun()
+
+
+def pytest_unconfigure(config):
+    run = config.stash.get(CONVERGENCE_RUN, None)
+    if run is not None:
+        run.stop()
+
+
+@pytest.fixture(scope="session")
+def convergence_run(request) -> ConvergenceRun:
+    """The convergence run started when the tests were collected."""
+    return request.config.stash[CONVERGENCE_RUN]

@@ -2,7 +2,9 @@
 
 The guard against a dependency change that silently stops training from converging:
 the benchmark trains the tiny profile's run (600 steps, seed 0) through the real entry
-point from the pretrained tiny SVD and measures held-out figures before and after.
+point from the pretrained tiny SVD and measures held-out figures before and after. It starts
+in the background when the tests are collected and these tests come last (tests/conftest.py):
+the other tests and the notebooks run while it trains.
 
 Where the CPU computes bfloat16 natively the run trains under bf16 autocast, as notebook 05's
 does (200-218 s of training at seeds 0-2 on 2 cores). What held for every run measured from the
@@ -25,17 +27,8 @@ Each threshold sits between the trained and the untrained figures, with a margin
 3% of the trained figure (the contrast: 1.5 times). The loss fall varies most from seed to seed.
 """
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-import torch
 
-from cnx.profiles import cpu_has_bfloat16
-
-ROOT = Path(__file__).resolve().parent.parent
 LOSS_FALLS = 0.975  # end / step 0 held-out loss below this (measured <= 0.947; untrained: 1)
 CONTROL_GAIN = 0.96  # trained: loss with the control < this x the loss without it (measured <= 0.924)
 UNTRAINED = 0.02  # step 0: the untrained control changes the held-out loss by less than this (<= 0.0081)
@@ -46,14 +39,8 @@ CONTRAST_GAIN = 4.5  # contrast of sampled videos, end / step 0, above this (mea
 
 
 @pytest.fixture(scope="module")
-def figures(tmp_path_factory):
-    out = tmp_path_factory.mktemp("convergence") / "figures.json"
-    command = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--json", str(out)]
-    if cpu_has_bfloat16() and not torch.cuda.is_available():  # as notebook 05's run
-        command += ["--", "--mixed_precision=bf16"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
+def figures(convergence_run):
+    return convergence_run.figures()
 
 
 def test_the_heldout_loss_falls(figures):
