@@ -57,8 +57,8 @@ from cnx.profiles import quiet_known_warnings
 
 
 def training_options(out_dir: Path, seed: int, extra: list[str]):
-    """The tiny profile's options (`make demo`'s run) with another seed, no validation or logs."""
-    options = profile_options("tiny", [f"--seed={seed}", "--report_to=none", *extra], str(out_dir / "output"))
+    """The tiny profile's options (`make demo`'s run) with another seed and no validation."""
+    options = profile_options("tiny", [f"--seed={seed}", *extra], str(out_dir / "output"))
     return replace(options, **dict.fromkeys(VALIDATION_FLAGS))  # measured here instead
 
 
@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="cnx-convergence-") as tmp:
         work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         options = training_options(work, args.seed, args.extra)
+        options.to_json(work / "training_options.json")  # a run folder: CNX_RUN=WORK_DIR for notebook 05
         heldout_meta = convergence.write_heldout(work / "heldout")
         batches = convergence.heldout_batches(heldout_meta, options)
         validations = convergence.validation_sets(work / "heldout", options.num_frames)

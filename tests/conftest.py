@@ -18,7 +18,7 @@ from cnx.tiny import write_tiny_svd
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVERGENCE_TESTS = "test_convergence.py"
-# What runs after the convergence run, on both cores: notebook 05 trains for two minutes in one cell.
+# What runs after the convergence run, with both cores: the notebook that analyses a training run.
 AFTER_CONVERGENCE = {"05_validation_analysis.ipynb"}
 CONVERGENCE_RUN = pytest.StashKey["ConvergenceRun"]()
 
@@ -40,7 +40,9 @@ class ConvergenceRun:
     def __init__(self, timeout_s: float = 1500):
         self.folder = Path(tempfile.mkdtemp(prefix="cnx-convergence-test-"))
         self.log = self.folder / "convergence.log"
+        self.run = self.folder / "run"  # kept: notebook 05 analyses it (CNX_RUN) instead of training its own
         command = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--json", str(self.out)]
+        command += ["--work_dir", str(self.run)]
         if cpu_has_bfloat16() and not torch.cuda.is_available():  # as notebook 05's run
             command += ["--", "--mixed_precision=bf16"]
         self.threads = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
@@ -65,6 +67,7 @@ class ConvergenceRun:
         finally:
             self.give_back_the_core()
         assert code == 0, self.log.read_text(errors="replace")[-3000:]
+        os.environ["CNX_RUN"] = str(self.run)
         return json.loads(self.out.read_text())
 
     def give_back_the_core(self) -> None:
@@ -89,7 +92,8 @@ def pytest_collection_modifyitems(config, items):
 
     It trains and samples for about five minutes on one core while the other tests and the
     notebooks run on the other (the tests use 1.3 cores when alone). Then its tests wait for it,
-    and what is in AFTER_CONVERGENCE runs last, with both cores.
+    and what is in AFTER_CONVERGENCE runs last, with both cores: notebook 05, which analyses the
+    run (600 steps) instead of training a 300-step one of its own.
     """
     guarded = [item for item in items if item.path.name == CONVERGENCE_TESTS]
     if not guarded or config.option.collectonly:
