@@ -26,10 +26,10 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check .
 
-# A cell may take 300 s: notebook 05 trains for 100-130 s in one cell when alone, and the tests' convergence
-# run (tests/conftest.py) may still train beside it. notebooks/conftest.py makes the notebook client
-# wait for each reply in one-second slices: one wait as long as the limit sometimes missed its wake-up
-# and read a finished cell's reply only when the limit fired.
+# A cell may take 300 s: notebook 05, training its own run, spends 100-130 s in one cell here (the CI
+# machine was slower). notebooks/conftest.py makes the notebook client wait for each reply in
+# one-second slices: one wait as long as the limit sometimes missed its wake-up and read a finished
+# cell's reply only when the limit fired.
 test: lint
 	$(BIN)/pytest --nbmake --nbmake-timeout=300 tests notebooks
 
