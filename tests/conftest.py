@@ -32,13 +32,14 @@ def tiny_svd_dir(tmp_path_factory):
 class ConvergenceRun:
     """`benchmarks/convergence.py` (seed 0) in a subprocess; `figures()` waits for its result.
 
-    It trains on one core and everything else in this session on the other, one thread each,
-    until `figures()` returns: two processes of two threads each on two cores mostly wait for each
-    other (tried: the training ran at under half its speed and the tests slowed as much).
+    With `share_cores` it trains on one core and everything else in this session on the other, one
+    thread each, until `figures()` returns: two processes of two threads each on two cores mostly
+    wait for each other (tried: the training ran at under half its speed, the tests as slowed).
     """
 
-    def __init__(self, timeout_s: float = 1500):
+    def __init__(self, share_cores: bool, timeout_s: float = 1500):
         self.folder = Path(tempfile.mkdtemp(prefix="cnx-convergence-test-"))
+        self.out = self.folder / "figures.json"
         self.log = self.folder / "convergence.log"
         self.run = self.folder / "run"  # kept: notebook 05 analyses it (CNX_RUN) instead of training its own
         command = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--json", str(self.out)]
@@ -46,17 +47,14 @@ class ConvergenceRun:
         if cpu_has_bfloat16() and not torch.cuda.is_available():  # as notebook 05's run
             command += ["--", "--mixed_precision=bf16"]
         self.threads = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = "1"  # for the run and every process this session starts
-        torch.set_num_threads(1)
+        if share_cores:
+            os.environ["OMP_NUM_THREADS"] = "1"  # for the run and every process this session starts
+            torch.set_num_threads(1)
         with self.log.open("w") as log:  # a file, not a pipe: nothing reads it until the end
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
             )
         self.deadline = time.monotonic() + timeout_s
-
-    @property
-    def out(self) -> Path:
-        return self.folder / "figures.json"
 
     def figures(self) -> dict:
         try:
@@ -101,7 +99,7 @@ def pytest_collection_modifyitems(config, items):
     after = [item for item in items if item.path.name in AFTER_CONVERGENCE]
     beside = [item for item in items if item.path.name not in AFTER_CONVERGENCE | {CONVERGENCE_TESTS}]
     items[:] = beside + guarded + after
-    config.stash[CONVERGENCE_RUN] = ConvergenceRun()
+    config.stash[CONVERGENCE_RUN] = ConvergenceRun(share_cores=bool(beside))
 
 
 def pytest_unconfigure(config):
