@@ -3,9 +3,9 @@
 The guard against a dependency change that silently stops training from converging:
 the benchmark trains the tiny profile's run (600 steps, seed 0) through the real entry
 point from the pretrained tiny SVD and measures held-out figures before and after. It starts
-in the background when the tests are collected, with one thread, and the other tests and the
-notebooks run beside it; these tests wait for it, then notebook 05 analyses its run
-(tests/conftest.py). With one thread seed 0 gives 0.908, 0.905, 0.901, 0.881, 0.854 and 7.1
+in the background when the tests are collected and the other tests and the notebooks run beside
+it, each side with one thread (alone it keeps two); these tests wait for it, then notebook 05
+analyses its run (tests/conftest.py). With one thread seed 0 gives 0.908, 0.905, 0.901, 0.881, 0.854 and 7.1
 times for the figures below (identical in three repeats).
 
 Where the CPU computes bfloat16 natively the run trains under bf16 autocast, as notebook 05's
