@@ -21,10 +21,12 @@ from cnx.pretrain import (
     heldout_sets,
     heldout_unet_loss,
     parse_args,
+    prefetched,
     pretrain,
     random_crop,
     start_per_frame,
     synthetic_batch,
+    temporal_layers_skipped,
     train_vae,
     vae_loss,
 )
@@ -137,6 +139,51 @@ def test_a_decoder_started_per_frame_decodes_a_clip_as_its_frames_one_by_one():
     assert (whole - alone).abs().max() > 0.01  # random temporal layers mix neighbouring frames
     start_per_frame(vae)
     torch.testing.assert_close(*whole_and_alone())
+
+
+@torch.no_grad()
+def test_skipping_the_temporal_layers_changes_nothing_once_they_start_per_frame():
+    vae = build_tiny_components(0)[1].eval()
+    latents = torch.randn(4, 4, 6, 4, generator=torch.Generator().manual_seed(0))  # (F, 4, H/8, W/8)
+    decode = lambda: vae.decode(latents, num_frames=4).sample  # noqa: E731
+    random_layers = decode()
+    with temporal_layers_skipped(vae):
+        skipped = decode()
+    assert (random_layers - skipped).abs().max() > 0.01  # they do run, and are not identity yet
+    torch.testing.assert_close(decode(), random_layers)  # and are back after it
+    with temporal_layers_skipped(vae, skip=False):
+        torch.testing.assert_close(decode(), random_layers)
+    start_per_frame(vae)
+    with temporal_layers_skipped(vae):
+        skipped = decode()
+    torch.testing.assert_close(decode(), skipped, rtol=0, atol=1e-5)
+
+
+def test_the_first_share_of_vae_steps_skips_the_temporal_layers_and_the_rest_trains_them(monkeypatch):
+    import cnx.pretrain
+
+    skips = []
+    context = cnx.pretrain.temporal_layers_skipped
+    monkeypatch.setattr(
+        cnx.pretrain, "temporal_layers_skipped", lambda vae, skip: skips.append(skip) or context(vae, skip)
+    )
+    config = PretrainConfig(
+        width=32, height=32, vae_steps=5, vae_batch_size=1, vae_crop=16, warmup=1, vae_skip_temporal=0.6
+    )
+    vae = build_tiny_components(0)[1]
+    temporal = [m for m in vae.decoder.modules() if type(m).__name__ == "TemporalResnetBlock"]
+    train_vae(vae, config, synthetic_batch(("heldout",), 1, 2, 3, 32, 32), False)
+    assert skips == [True] * 3 + [False] * 2
+    assert all("forward" not in block.__dict__ for block in temporal)  # the class's forward again
+    assert any(block.conv2.weight.abs().max() > 0 for block in temporal)  # the last two steps trained them
+
+
+def test_prefetched_batches_come_in_step_order():
+    drawn = []
+    draw = lambda step: drawn.append(step) or step * step  # noqa: E731
+    assert list(prefetched(draw, 4)) == [(0, 0), (1, 1), (2, 4), (3, 9)]
+    assert drawn == [0, 1, 2, 3]  # each once, none past the last step
+    assert list(prefetched(draw, 0)) == [] and drawn == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("decay", [True, False])
@@ -283,6 +330,7 @@ def test_true_or_false_flags_take_only_those_words(tmp_path, capsys):
         (["--colour_anchor", "-0.5"], "--colour_anchor"),
         (["--unet_lr", "0"], "--unet_lr"),
         (["--vae_steps", "-5"], "--vae_steps"),
+        (["--vae_skip_temporal", "1.5"], "--vae_skip_temporal"),
     ],
 )
 def test_bad_flags_stop_before_any_training(flags, named, tmp_path, capsys):
@@ -295,3 +343,9 @@ def test_bad_flags_stop_before_any_training(flags, named, tmp_path, capsys):
     with pytest.raises(ValueError, match=named):
         pretrain(tmp_path / "out", config)
     assert not (tmp_path / "out").exists()
+
+
+def test_only_temporal_layers_started_per_frame_may_be_skipped():
+    config = PretrainConfig(per_frame_start=False)
+    assert any("--vae_skip_temporal needs --per_frame_start True" in p for p in config.problems())
+    assert replace(config, vae_skip_temporal=0.0).problems() == []
