@@ -154,8 +154,9 @@ def prefetched(make_batch, steps: int):
     """(step, make_batch(step)) for each step, the next batch drawn in a thread meanwhile.
 
     Drawing dancers is numpy and PIL work, a tenth of a VAE step; a thread overlaps most of
-    it with the step (measured: 302-304 -> 284-285 ms a VAE step). Every batch is a function of
-    its step alone, so the numbers are those of drawing them in turn.
+    it with the step (measured: 302-304 -> 284-285 ms a VAE step; for the UNet's steps it is a
+    loss, see `train_unet`). Every batch is a function of its step alone, so the numbers are
+    those of drawing them in turn.
     """
     with ThreadPoolExecutor(1) as pool:
         upcoming = pool.submit(make_batch, 0) if steps > 0 else None
