@@ -526,7 +526,7 @@ How it was made, from fresh random synthetic dancers (`cnx.synth`) every step:
    image encoder frozen (the CLIP encoder keeps the stand-in's random weights); held-out
    loss {loss_start:.4f} -> {loss_end:.4f}.
 {precision}
-Figures and timings: pretrain_report.json. Reproduce it (same seed, same weights) with
+Figures and timings: pretrain_report.json. Reproduce it (same seed, same figures) with
 
     {command}
 
