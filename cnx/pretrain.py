@@ -298,6 +298,11 @@ def start_per_frame(vae) -> None:
     time_conv.bias.zero_()
 
 
+def steps_skipping_temporal(share: float, vae_steps: int) -> int:
+    """How many of the VAE's steps, the first ones, skip the temporal layers."""
+    return round(share * vae_steps)
+
+
 @contextmanager
 def temporal_layers_skipped(vae, skip: bool = True):
     """Within it (when `skip`), the decoder's temporal resnets return their input unchanged.
@@ -371,7 +376,7 @@ def train_vae(vae, config: PretrainConfig, heldout: torch.Tensor, progress: bool
             clips, config.vae_crop, np.random.default_rng(derive_seed("pretrain-crop", config.seed, step))
         )
 
-    skipped = round(config.vae_skip_temporal * config.vae_steps)  # the first steps skip temporal layers
+    skipped = steps_skipping_temporal(config.vae_skip_temporal, config.vae_steps)
     bar = tqdm(
         prefetched(make_batch, config.vae_steps), "stage 1: VAE", config.vae_steps, disable=not progress
     )
@@ -554,7 +559,7 @@ def readme(report: dict) -> str:
     anchor = config["colour_anchor"]
     decay = ", decaying with the learning rate" if config["anchor_decay"] else ""
     anchored = f"latent channels 0-2 towards each 8x8 block's mean colour{decay}"
-    skipped = round(config.get("vae_skip_temporal", 0) * config["vae_steps"])
+    skipped = steps_skipping_temporal(config.get("vae_skip_temporal", 0), config["vae_steps"])
     skipping = (
         f"its temporal layers skipped in the first {skipped} steps, `temporal_layers_skipped`, "
         f"and trained in the last {config['vae_steps'] - skipped}"
