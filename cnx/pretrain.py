@@ -32,9 +32,9 @@ import json
 import math
 import shlex
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -60,7 +60,7 @@ class PretrainConfig:
     unet_width: int = 64  # first UNet block width (SVD: 320); at 32 its norms lose the colour (`cnx.tiny`)
     unet_inner_width: int = 64  # second UNet block width (SVD: 640)
     vae_width: int = 64  # VAE block width; at 32 the decoder's last GroupNorm (32 groups) loses hue
-    vae_steps: int = 3200  # VAE optimizer steps
+    vae_steps: int = 4000  # VAE optimizer steps
     vae_batch_size: int = 4  # clips per VAE step
     vae_frames: int = 2  # frames per VAE clip: the temporal decoder decodes them together
     vae_crop: int = 64  # square crop of every VAE clip, a multiple of 8 (0: whole frames)
@@ -148,23 +148,6 @@ def synthetic_batch(stream: tuple, batch_size: int, num_frames: int, interval: i
         for b in range(batch_size)
     ]
     return torch.stack(clips)
-
-
-def prefetched(make_batch, steps: int):
-    """(step, make_batch(step)) for each step, the next batch drawn in a thread meanwhile.
-
-    Drawing dancers is numpy and PIL work, a tenth of a VAE step; a thread overlaps most of
-    it with the step (measured: 302-304 -> 284-285 ms a VAE step; for the UNet's steps it is a
-    loss, see `train_unet`). Every batch is a function of its step alone, so the numbers are
-    those of drawing them in turn.
-    """
-    with ThreadPoolExecutor(1) as pool:
-        upcoming = pool.submit(make_batch, 0) if steps > 0 else None
-        for step in range(steps):
-            batch = upcoming.result()
-            if step + 1 < steps:
-                upcoming = pool.submit(make_batch, step + 1)
-            yield step, batch
 
 
 def training_precision(config: PretrainConfig):
@@ -303,23 +286,28 @@ def steps_skipping_temporal(share: float, vae_steps: int) -> int:
     return round(share * vae_steps)
 
 
+def _spatial_only(block, hidden_states, temb=None, image_only_indicator=None):
+    return block.spatial_res_block(hidden_states, temb)
+
+
 @contextmanager
 def temporal_layers_skipped(vae, skip: bool = True):
-    """Within it (when `skip`), the decoder's temporal resnets return their input unchanged.
+    """Within it (when `skip`), the decoder's spatio-temporal resnets run their spatial half only.
 
-    Started per frame (`start_per_frame`) they are the identity anyway, and the mixer that
-    blends their output with its input then gets the same tensor twice: skipping them leaves
-    the decoder's output as it was and its training steps a quarter cheaper (measured: 254 ->
-    186 ms a VAE step). So the VAE first learns to code frames, then its temporal layers learn
-    to use their neighbours.
+    Started per frame (`start_per_frame`), their temporal resnets are the identity, and the
+    mixer that blends those with the spatial output then gets the same tensor twice: skipping
+    both leaves the decoder's output as it was (up to rounding), and the mixer's weight had no
+    gradient anyway. Training steps get cheaper: on 2 cores, 311-330 ms a VAE step that runs
+    them, 226-235 ms one that skips them (batches drawn in turn, measured back to back). So the
+    VAE first learns to code frames, then its temporal layers learn to use their neighbours.
     """
-    blocks = [m for m in vae.decoder.modules() if type(m).__name__ == "TemporalResnetBlock"] if skip else []
-    for block in blocks:
-        block.forward = lambda hidden_states, temb=None: hidden_states  # shadows the class's forward
+    blocks = [m for m in vae.decoder.modules() if type(m).__name__ == "SpatioTemporalResBlock"]
+    for block in blocks if skip else []:
+        block.forward = partial(_spatial_only, block)  # shadows the class's forward
     try:
         yield
     finally:
-        for block in blocks:
+        for block in blocks if skip else []:
             del block.forward
 
 
@@ -344,6 +332,28 @@ def contiguous_group_norms(module: torch.nn.Module) -> list:
         for norm in module.modules()
         if isinstance(norm, torch.nn.GroupNorm)
     ]
+
+
+@contextmanager
+def time_conv_in_float32(vae):
+    """Within it, the decoder's last layer (`time_conv_out`, a Conv3d from 3 to 3 channels over
+    frames) computes in float32, outside bfloat16 autocast.
+
+    oneDNN's bfloat16 weight gradient of that convolution hung in its reduction on whole
+    128x192 frames (`--vae_crop 0`; 64x64 and 128x128 ran), measured with torch 2.13 on an AMX
+    CPU. The layer is a few multiply-adds a pixel, so float32 costs nothing measurable.
+    """
+    conv = vae.decoder.time_conv_out
+
+    def forward(hidden_states):
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return type(conv).forward(conv, hidden_states.float())
+
+    conv.forward = forward  # shadows the class's forward
+    try:
+        yield
+    finally:
+        del conv.forward
 
 
 def train_vae(vae, config: PretrainConfig, heldout: torch.Tensor, progress: bool = True) -> dict:
@@ -377,17 +387,19 @@ def train_vae(vae, config: PretrainConfig, heldout: torch.Tensor, progress: bool
         )
 
     skipped = steps_skipping_temporal(config.vae_skip_temporal, config.vae_steps)
-    bar = tqdm(
-        prefetched(make_batch, config.vae_steps), "stage 1: VAE", config.vae_steps, disable=not progress
-    )
+    # Batches are drawn in turn. The previous code drew them in a thread and skipped the temporal
+    # resnets alone: back to back, its skipping steps took 310-322 ms, this code's 229-230 ms.
+    bar = tqdm(range(config.vae_steps), "stage 1: VAE", disable=not progress)
     try:
-        for step, clips in bar:
+        for step in bar:
+            clips = make_batch(step)
             noise = stream_generator("pretrain-vae-noise", config.seed, step)
             # Decayed, the anchor gives colour early and frees the three channels for detail late.
             anchor = config.colour_anchor * (
                 cosine_lr(step, config.vae_steps, config.warmup) if config.anchor_decay else 1
             )
-            with training_precision(config), temporal_layers_skipped(vae, step < skipped):
+            skip = step < skipped
+            with training_precision(config), temporal_layers_skipped(vae, skip), time_conv_in_float32(vae):
                 loss = vae_loss(vae, clips, config.kl_weight, noise, anchor)
             loss.backward()
             optimizer.step()
@@ -475,9 +487,7 @@ def train_unet(
     optimizer, schedule = _optimizer(unet.parameters(), config.unet_lr, config.unet_steps, config.warmup)
     bar = tqdm(range(config.unet_steps), desc="stage 2: UNet", disable=not progress)
     for step in bar:
-        # Fresh clips: (B, F, 3, H, W) in [-1, 1]. Drawn here, not in a thread (`prefetched`):
-        # beside the UNet's many small ops a drawing thread costs more than it saves (40 steps:
-        # 23.5-25.3 s without it, 30.8-32.1 s with it).
+        # Fresh clips: (B, F, 3, H, W) in [-1, 1].
         pixels = synthetic_batch(
             ("pretrain-unet", config.seed, step),
             config.batch_size,
