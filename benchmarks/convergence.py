@@ -18,26 +18,27 @@ the trained scale and off (`cnx.convergence`):
   move, 0.117 for the ground truth of these two dancers).
 
 It prints a table and five verdicts. Measured with the tiny profile's 600 steps from the shipped
-pretrained model (VAE at 27.4 dB), on 2 CPU cores, one thread each and two runs at a time (as
+pretrained model (VAE at 27.6 dB), on 2 CPU cores, one thread each and two runs at a time (as
 `make test` runs it beside the other tests): training under bf16 autocast (`--
---mixed_precision=bf16`, as the CI test runs it where the CPU computes bfloat16 natively) 256-267 s,
-in float32 330 s; one measurement 63-89 s; control on unless said:
+--mixed_precision=bf16`, as the CI test runs it where the CPU computes bfloat16 natively) 283-306 s,
+in float32 384 s; one measurement 64-65 s; control on unless said:
 
     seed       loss step 0 -> end  end: off  reversed poses  score step 0 -> end  end: off  contrast 0 -> end
-    0          0.2467 -> 0.2156    0.2339    0.2365          0.1667 -> 0.1457     0.1632    0.0016 -> 0.0111
-    1          0.2464 -> 0.2221    0.2447    0.2455          0.1662 -> 0.1489     0.1752    0.0016 -> 0.0173
-    2          0.2466 -> 0.2355    0.2648    0.2646          0.1657 -> 0.1508     0.1684    0.0013 -> 0.0135
-    0, fp32    0.2467 -> 0.2223    0.2421    0.2443          0.1667 -> 0.1505     0.1768    0.0016 -> 0.0142
+    0          0.2537 -> 0.2205    0.2423    0.2421          0.1692 -> 0.1516     0.1649    0.0013 -> 0.0113
+    1          0.2549 -> 0.2339    0.2649    0.2639          0.1697 -> 0.1541     0.1841    0.0011 -> 0.0206
+    2          0.2532 -> 0.2399    0.2609    0.2656          0.1678 -> 0.1490     0.1688    0.0010 -> 0.0137
+    0, fp32    0.2537 -> 0.2210    0.2424    0.2431          0.1692 -> 0.1538     0.1710    0.0013 -> 0.0122
 
-In every run the loss falls (by 4.5-12.6%), the right poses beat both no control (by 7.8-11.0%)
-and the same poses reversed (by 8.8-11.0%; at step 0 the untrained control changes the loss by
-0.9-1.0% and the order of the poses makes no difference), the score of videos sampled with the
-control improves (by 9.0-12.6%) and beats the same model sampled without it (by 10.4-15.0%), and
-their contrast grows 6.8-10.5 times. `tests/test_convergence.py` asserts these in CI (seed 0).
-From the previous pretrained tiny SVD (VAE at 26.7 dB; bf16 with two threads) the loss fell
-5.3-13.0% and the contrast grew 7.1-13.8 times, and in float32 the loss fell only 1.4% at seed 1;
-from the one before it (24.9 dB), a loss fall of only 4.1-6.4%. The ground truth of the
-validation dancer scores a contrast of 0.118 (notebook 05 shows it through the VAE too).
+In every run the loss falls (by 5.3-13.1%), the right poses beat both no control (by 8.0-11.7%)
+and the same poses reversed (by 8.9-11.4%; at step 0 the untrained control changes the loss by
+0.9-1.6% and the order of the poses makes no difference), the score of videos sampled with the
+control improves (by 9.1-11.2%) and beats the same model sampled without it (by 8.1-16.3%), and
+their contrast grows 8.7-18.4 times. `tests/test_convergence.py` asserts these in CI (seed 0).
+From the previous pretrained tiny SVD (VAE at 27.4 dB) the loss fell 4.5-12.6% and the contrast
+grew 6.8-10.5 times; from the one before it (26.7 dB; bf16 with two threads) the loss fell
+5.3-13.0%, and in float32 only 1.4% at seed 1; from an earlier one (24.9 dB), only 4.1-6.4%. The
+ground truth of the validation dancer scores a contrast of 0.118 (notebook 05 shows it through
+the VAE too).
 """
 
 from __future__ import annotations

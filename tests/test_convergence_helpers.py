@@ -70,12 +70,12 @@ def test_through_vae_is_the_vaes_round_trip():
     )
     decoded = convergence.through_vae(pretrained, frames)
     assert decoded.shape == frames.shape and decoded.dtype == np.uint8
-    # Measured: 26.5 dB through the pretrained VAE, whole or in chunks of 2; 13.3 through the stand-in's.
+    # Measured: 26.8 dB through the pretrained VAE, whole or in chunks of 2; 13.3 through the stand-in's.
     untrained = convergence.through_vae(build_tiny_components(0)[1].eval(), frames)
     assert psnr(decoded, frames).mean() > psnr(untrained, frames).mean() + 5
     # Its temporal decoder started per frame (`cnx.pretrain.start_per_frame`) and trained on clips of
     # `vae_frames` frames (2): it decodes a longer clip whole about as well as in chunks of that length
-    # (0.01 dB apart; the previous model's 0.5 dB below). From random weights, whole clips came out
+    # (0.02 dB apart; an earlier model's 0.5 dB below). From random weights, whole clips came out
     # 1.8-6.6 dB below.
     report = json.loads((Path(TINY.pretrained_model_name_or_path) / "pretrain_report.json").read_text())
     chunked = convergence.through_vae(pretrained, frames, report["config"]["vae_frames"])
