@@ -178,6 +178,7 @@ def test_the_first_share_of_vae_steps_skips_the_temporal_layers_and_the_rest_tra
     assert any(block.conv2.weight.abs().max() > 0 for block in temporal)  # the last two steps trained them
 
 
+@pytest.mark.parametrize("decay", [True, False])
 def test_the_colour_anchor_decays_with_the_learning_rate(decay, monkeypatch):
     import cnx.pretrain
 
@@ -252,17 +253,14 @@ def test_a_bf16_vae_step_on_whole_128x192_frames_finishes():
 
 def test_the_time_conv_computes_in_float32_under_bf16_autocast_and_gets_its_own_forward_back():
     vae = build_tiny_components(0)[1]
+    conv = vae.decoder.time_conv_out
     x = torch.randn(1, 3, 2, 8, 8)  # (B, C, F, H, W)
+    expected = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=(1, 0, 0))  # float32
     with torch.autocast("cpu", torch.bfloat16):
-        assert vae.decoder.time_conv_out(x).dtype == torch.bfloat16
+        assert conv(x).dtype == torch.bfloat16
         with time_conv_in_float32(vae):
-            torch.testing.assert_close(
-                vae.decoder.time_conv_out(x),
-                torch.nn.functional.conv3d(
-                    x, vae.decoder.time_conv_out.weight, vae.decoder.time_conv_out.bias, padding=(1, 0, 0)
-                ),
-            )
-        assert vae.decoder.time_conv_out(x).dtype == torch.bfloat16
+            torch.testing.assert_close(conv(x), expected)
+        assert conv(x).dtype == torch.bfloat16
 
 
 def test_group_norms_get_contiguous_inputs_with_the_same_output_until_the_hooks_go():
