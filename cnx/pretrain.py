@@ -336,25 +336,30 @@ def contiguous_group_norms(module: torch.nn.Module) -> list:
 
 
 @contextmanager
-def time_conv_in_float32(vae):
-    """Within it, the decoder's last layer (`time_conv_out`, a Conv3d from 3 to 3 channels over
-    frames) computes in float32, outside bfloat16 autocast.
+def temporal_convs_in_float32(vae):
+    """Within it, every Conv3d of the decoder (the temporal resnets' convs and `time_conv_out`,
+    all kernels (3, 1, 1) over frames) computes in float32, outside bfloat16 autocast.
 
-    oneDNN's bfloat16 weight gradient of that convolution hung in its reduction on whole
-    128x192 frames (`--vae_crop 0`; 64x64 and 128x128 ran), measured with torch 2.13 on an AMX
-    CPU. The layer is a few multiply-adds a pixel, so float32 costs nothing measurable.
+    oneDNN's multi-threaded bfloat16 weight gradient of these convolutions is unsafe on CPU
+    (torch 2.13, AMX): on whole 128x192 frames (`--vae_crop 0`) it hung in its reduction, and on
+    64-crops the full-resolution temporal convs' gradients were now and then garbage (400 where
+    repeats of the same backward gave 0 or 0.007). With one thread, or in float32, repeats are
+    identical. They are a small share of the decoder's work, run only in the last steps
+    (`vae_skip_temporal`), and UNet training never computes them.
     """
-    conv = vae.decoder.time_conv_out
+    convs = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv3d)]
 
-    def forward(hidden_states):
+    def float32_forward(conv, hidden_states):
         with torch.autocast(hidden_states.device.type, enabled=False):
             return type(conv).forward(conv, hidden_states.float())
 
-    conv.forward = forward  # shadows the class's forward
+    for conv in convs:
+        conv.forward = partial(float32_forward, conv)  # shadows the class's forward
     try:
         yield
     finally:
-        del conv.forward
+        for conv in convs:
+            del conv.forward
 
 
 def train_vae(vae, config: PretrainConfig, heldout: torch.Tensor, progress: bool = True) -> dict:
@@ -396,7 +401,8 @@ def train_vae(vae, config: PretrainConfig, heldout: torch.Tensor, progress: bool
                 cosine_lr(step, config.vae_steps, config.warmup) if config.anchor_decay else 1
             )
             skip = step < skipped
-            with training_precision(config), temporal_layers_skipped(vae, skip), time_conv_in_float32(vae):
+            skipping = temporal_layers_skipped(vae, skip)
+            with training_precision(config), skipping, temporal_convs_in_float32(vae):
                 loss = vae_loss(vae, clips, config.kl_weight, noise, anchor)
             loss.backward()
             optimizer.step()
