@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnx.profiles import cpu_has_bfloat16
 from cnx.tiny import write_tiny_svd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +31,10 @@ def tiny_svd_dir(tmp_path_factory):
 class ConvergenceRun:
     """`benchmarks/convergence.py` (seed 0) in a subprocess; `figures()` waits for its result.
 
+    It trains in the tiny profile's own precision (float32 on a CPU), as `make demo` does. Under
+    bf16 autocast the held-out loss of seeds 0 and 2 fell by 0.8% and 1.3% only (float32: 13.2%
+    and 4.5%), too close to 1 for any threshold with a margin.
+
     With `share_cores` it trains on one core and everything else in this session on the other, one
     thread each, until `figures()` returns: two processes of two threads each on two cores mostly
     wait for each other (tried: the training ran at under half its speed, the tests as slowed).
@@ -44,8 +47,6 @@ class ConvergenceRun:
         self.run = self.folder / "run"  # kept: notebook 05 analyses it (CNX_RUN) instead of training its own
         command = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--json", str(self.out)]
         command += ["--work_dir", str(self.run)]
-        if cpu_has_bfloat16() and not torch.cuda.is_available():  # as notebook 05's run
-            command += ["--", "--mixed_precision=bf16"]
         self.threads = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
         if share_cores:
             os.environ["OMP_NUM_THREADS"] = "1"  # for the run and every process this session starts
