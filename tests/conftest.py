@@ -17,8 +17,10 @@ from cnx.tiny import write_tiny_svd
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVERGENCE_TESTS = "test_convergence.py"
-# What runs after the convergence run, with both cores: the notebook that analyses a training run.
+# What runs after the convergence run, with both cores: the notebook that analyses a training run,
+# and tests marked `both_cores` (they need two threads; beside the run, three threads thrash).
 AFTER_CONVERGENCE = {"05_validation_analysis.ipynb"}
+BOTH_CORES = "both_cores"
 CONVERGENCE_RUN = pytest.StashKey["ConvergenceRun"]()
 
 
@@ -85,20 +87,25 @@ class ConvergenceRun:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{BOTH_CORES}: runs after the convergence run, with both cores free")
+
+
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected
 def pytest_collection_modifyitems(config, items):
     """Start the convergence run now, in the background, and order the session around it.
 
     It trains and samples for about five minutes on one core while the other tests and the
     notebooks run on the other (the tests use 1.3 cores when alone). Then its tests wait for it,
-    and what is in AFTER_CONVERGENCE runs last, with both cores: notebook 05, which analyses the
-    run (600 steps) instead of training a 300-step one of its own.
+    and what is in AFTER_CONVERGENCE or marked `both_cores` runs last, with both cores: notebook
+    05, which analyses the run (600 steps) instead of training a 300-step one of its own, and the
+    tests that need two threads.
     """
     guarded = [item for item in items if item.path.name == CONVERGENCE_TESTS]
     if not guarded or config.option.collectonly:
         return
-    after = [item for item in items if item.path.name in AFTER_CONVERGENCE]
-    beside = [item for item in items if item.path.name not in AFTER_CONVERGENCE | {CONVERGENCE_TESTS}]
+    after = [i for i in items if i.path.name in AFTER_CONVERGENCE or i.get_closest_marker(BOTH_CORES)]
+    beside = [item for item in items if item not in after and item not in guarded]
     items[:] = beside + guarded + after
     config.stash[CONVERGENCE_RUN] = ConvergenceRun(share_cores=bool(beside))
 

@@ -266,6 +266,7 @@ def test_every_decoder_conv3d_computes_in_float32_under_bf16_autocast_and_gets_i
             assert conv(x).dtype == torch.bfloat16 and "forward" not in vars(conv)
 
 
+@pytest.mark.both_cores  # two threads: the race needs them
 def test_a_bf16_vae_step_that_trains_the_temporal_layers_gives_the_same_gradients_every_time():
     # With 2 threads, oneDNN's bf16 weight gradient of the full-resolution temporal convs was now
     # and then garbage (3-6 of 239 gradients off in 6 repeats); in float32 every repeat is equal.
