@@ -544,7 +544,8 @@ How it was made, from fresh random synthetic dancers (`cnx.synth`) every step:
    image encoder frozen (the CLIP encoder keeps the stand-in's random weights); held-out
    loss {loss_start:.4f} -> {loss_end:.4f}.
 {precision}
-Figures and timings: pretrain_report.json. Reproduce it (same seed, same figures) with
+Figures and timings: pretrain_report.json. Reproduce it (same seed, same figures; on the same
+CPU, the same bytes) with
 
     {command}
 
@@ -556,6 +557,8 @@ Load it with `StableVideoDiffusionPipeline.from_pretrained(folder)` or
 BF16_NOTE = """
 Both stages computed their training steps under bfloat16 autocast (weights, optimizer and
 held-out figures in float32): that is what fits 30 minutes on 2 cores with native bfloat16.
+The VAE decoder's Conv3d layers computed in float32 (`temporal_convs_in_float32`): oneDNN's
+threaded bfloat16 weight gradient of them is unreliable on CPU.
 """
 TEMPORAL_PER_FRAME = """ Its temporal
    decoder started per frame (`start_per_frame`) and trained on clips of {vae_frames} frames
