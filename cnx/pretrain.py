@@ -383,36 +383,37 @@ def train_vae(vae, config: PretrainConfig, heldout: torch.Tensor, progress: bool
     # resnets alone: back to back, its skipping steps took 310-322 ms, this code's 229-230 ms.
     bar = tqdm(range(config.vae_steps), "stage 1: VAE", disable=not progress)
     try:
-        for step in bar:
-            # Fresh dancers, a window of each: (B, F, 3, crop, crop) in [-1, 1].
-            clips = synthetic_batch(
-                ("pretrain-vae", config.seed, step),
-                config.vae_batch_size,
-                config.vae_frames,
-                config.interval,
-                config.width,
-                config.height,
-            )
-            crop_rng = np.random.default_rng(derive_seed("pretrain-crop", config.seed, step))
-            clips = random_crop(clips, config.vae_crop, crop_rng)
-            noise = stream_generator("pretrain-vae-noise", config.seed, step)
-            # Decayed, the anchor gives colour early and frees the three channels for detail late.
-            anchor = config.colour_anchor * (
-                cosine_lr(step, config.vae_steps, config.warmup) if config.anchor_decay else 1
-            )
-            skip = step < skipped
-            skipping = temporal_layers_skipped(vae, skip)
-            with training_precision(config), skipping, temporal_convs_in_float32(vae):
-                loss = vae_loss(vae, clips, config.kl_weight, noise, anchor)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if (step + 1) % max(1, config.vae_steps // 4) == 0 and step + 1 < config.vae_steps:
-                psnr = heldout_psnr(vae.eval(), heldout)
-                bar.write(f"stage 1: step {step + 1}: held-out PSNR {psnr:.2f} dB")
-                vae.train()
+        # In force for every step; the held-out figures compute in float32 anyway.
+        with temporal_convs_in_float32(vae):
+            for step in bar:
+                # Fresh dancers, a window of each: (B, F, 3, crop, crop) in [-1, 1].
+                clips = synthetic_batch(
+                    ("pretrain-vae", config.seed, step),
+                    config.vae_batch_size,
+                    config.vae_frames,
+                    config.interval,
+                    config.width,
+                    config.height,
+                )
+                crop_rng = np.random.default_rng(derive_seed("pretrain-crop", config.seed, step))
+                clips = random_crop(clips, config.vae_crop, crop_rng)
+                noise = stream_generator("pretrain-vae-noise", config.seed, step)
+                # Decayed, the anchor gives colour early and frees the three channels for detail late.
+                anchor = config.colour_anchor * (
+                    cosine_lr(step, config.vae_steps, config.warmup) if config.anchor_decay else 1
+                )
+                skip = step < skipped
+                with training_precision(config), temporal_layers_skipped(vae, skip):
+                    loss = vae_loss(vae, clips, config.kl_weight, noise, anchor)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if (step + 1) % max(1, config.vae_steps // 4) == 0 and step + 1 < config.vae_steps:
+                    psnr = heldout_psnr(vae.eval(), heldout)
+                    bar.write(f"stage 1: step {step + 1}: held-out PSNR {psnr:.2f} dB")
+                    vae.train()
     finally:
         for hook in hooks:
             hook.remove()
