@@ -18,31 +18,29 @@ the trained scale and off (`cnx.convergence`):
   move, 0.117 for the ground truth of these two dancers).
 
 It prints a table and five verdicts. Measured with the tiny profile's 600 steps from the shipped
-pretrained model (VAE at 27.6 dB), on 2 CPU cores, one thread each and two runs at a time (as
-`make test` runs it beside the other tests): training in float32 (the profile's precision on a
-CPU, as the CI test runs it) 276-293 s, under bf16 autocast (`-- --mixed_precision=bf16`) 210-232
-s; one measurement 52-58 s; control on unless said:
+pretrained model (VAE at 28.2 dB), on 2 CPU cores in a slow half hour, one thread each and two runs
+at a time (as `make test` runs it beside the other tests): training in float32 (the profile's
+precision on a CPU, as the CI test runs it) 353-362 s, under bf16 autocast
+(`-- --mixed_precision=bf16`) 293-308 s; one measurement 65-88 s; control on unless said:
 
     seed       loss step 0 -> end  end: off  reversed poses  score step 0 -> end  end: off  contrast 0 -> end
-    0          0.2557 -> 0.2220    0.2443    0.2431          0.1697 -> 0.1547     0.1690    0.0013 -> 0.0111
-    1          0.2568 -> 0.2304    0.2543    0.2577          0.1699 -> 0.1460     0.1700    0.0011 -> 0.0162
-    2          0.2549 -> 0.2434    0.2708    0.2700          0.1671 -> 0.1514     0.1702    0.0011 -> 0.0128
-    0, bf16    0.2557 -> 0.2536    0.2750    0.2718          0.1697 -> 0.1471     0.1590    0.0013 -> 0.0102
-    1, bf16    0.2568 -> 0.2369    0.2594    0.2634          0.1699 -> 0.1444     0.1671    0.0011 -> 0.0168
-    2, bf16    0.2549 -> 0.2515    0.2810    0.2777          0.1671 -> 0.1529     0.1709    0.0011 -> 0.0128
+    0          0.3145 -> 0.2670    0.2880    0.2914          0.1769 -> 0.1510     0.1663    0.0002 -> 0.0120
+    1          0.3140 -> 0.3034    0.3369    0.3301          0.1765 -> 0.1612     0.2034    0.0001 -> 0.0231
+    2          0.3128 -> 0.2802    0.3057    0.3125          0.1746 -> 0.1527     0.1721    0.0001 -> 0.0156
+    0, bf16    0.3145 -> 0.2688    0.2899    0.2961          0.1769 -> 0.1521     0.1698    0.0002 -> 0.0129
+    1, bf16    0.3140 -> 0.2861    0.3132    0.3121          0.1765 -> 0.1598     0.1943    0.0001 -> 0.0198
+    2, bf16    0.3128 -> 0.2765    0.3040    0.3093          0.1746 -> 0.1558     0.1769    0.0001 -> 0.0152
 
-In every run the right poses beat both no control (by 7.8-10.5%) and the same poses reversed (by
-6.7-10.6%; at step 0 the untrained control changes the loss by 0.8-1.5% and the order of the poses
-makes no difference), the score of videos sampled with the control improves (by 8.5-15.0%) and
-beats the same model sampled without it (by 7.5-14.1%), and their contrast grows 7.8-14.7 times.
-The held-out loss falls by 4.5-13.2% in float32 but by only 0.8-7.8% under bf16, whose training
-loss tracks float32's closely: the UNet without the control drifts further on held-out dancers.
-`tests/test_convergence.py` asserts these in CI (seed 0, float32). A run at one thread repeats
-its figures exactly. From the previous pretrained tiny SVD (the same recipe with bfloat16
-temporal convolutions in its VAE) bf16 runs had the loss fall 5.2-13.1%; from earlier ones (27.4
-and 26.7 dB) 4.5-13.0%, and in float32 only 1.4% at seed 1 from the 26.7 dB one; from one at
-24.9 dB, only 4.1-6.4%. The ground truth of the validation dancer scores a contrast of 0.118
-(notebook 05 shows it through the VAE too).
+In every run the right poses beat both no control (by 7.3-9.9%) and the same poses reversed (by
+8.1-10.6%; at step 0 the untrained control changes the loss by 0.7-1.3% and the order of the poses
+makes no difference), the held-out loss falls (by 3.4-15.1%), the score of videos sampled with the
+control improves (by 8.7-14.6%) and beats the same model sampled without it (by 9.1-20.7%), and
+their contrast grows from 0.0001-0.0002 to 0.0120-0.0231. `tests/test_convergence.py` asserts
+these in CI (seed 0, float32). A run at one thread repeats its figures exactly. From the previous
+pretrained tiny SVD (VAE at 27.6 dB) float32 runs had the loss fall 4.5-13.2% but bf16 ones only
+0.8-7.8%; from earlier ones (27.4 and 26.7 dB) 4.5-13.0%, and in float32 only 1.4% at seed 1 from
+the 26.7 dB one; from one at 24.9 dB, only 4.1-6.4%. The ground truth of the validation dancer
+scores a contrast of 0.118 (notebook 05 shows it through the VAE too).
 """
 
 from __future__ import annotations

@@ -25,9 +25,10 @@ from cnx.pretrain import (
     random_crop,
     start_per_frame,
     synthetic_batch,
-    temporal_convs_in_float32,
+    temporal_convs_as_conv2d,
     temporal_layers_skipped,
     train_vae,
+    vae_batch,
     vae_loss,
 )
 from cnx.tiny import build_tiny_components
@@ -244,7 +245,7 @@ P.train_vae(build_tiny_components(0)[1], config, P.heldout_sets(config)[0], prog
 
 def test_a_bf16_vae_step_on_whole_128x192_frames_finishes():
     # oneDNN's bf16 weight gradient of the decoder's Conv3d(3, 3) over frames hung at this size
-    # (torch 2.13, AMX CPU); `temporal_convs_in_float32` keeps it in float32. A subprocess, so
+    # (torch 2.13, AMX CPU); `temporal_convs_as_conv2d` computes it as a Conv2d. A subprocess, so
     # that a hang fails here instead of stalling the suite.
     done = subprocess.run(
         [sys.executable, "-c", WHOLE_FRAME_STEP], capture_output=True, text=True, timeout=180
@@ -252,24 +253,41 @@ def test_a_bf16_vae_step_on_whole_128x192_frames_finishes():
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_every_decoder_conv3d_computes_in_float32_under_bf16_autocast_and_gets_its_own_forward_back():
+def test_every_decoder_conv3d_computes_as_a_conv2d_with_the_same_output_and_gets_its_own_forward_back(
+    monkeypatch,
+):
     vae = build_tiny_components(0)[1]
     convs = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv3d)]
     assert vae.decoder.time_conv_out in convs and len(convs) > 1  # and the temporal resnets' convs
+    conv2d, calls = torch.nn.functional.conv2d, []
+    monkeypatch.setattr(
+        torch.nn.functional, "conv2d", lambda x, *a, **k: calls.append(x.shape) or conv2d(x, *a, **k)
+    )
     for conv in convs:
-        x = torch.randn(1, conv.in_channels, 3, 4, 4)  # (B, C, F, H, W)
-        expected = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=conv.padding)  # float32
-        with torch.autocast("cpu", torch.bfloat16):
-            assert conv(x).dtype == torch.bfloat16
-            with temporal_convs_in_float32(vae):
-                torch.testing.assert_close(conv(x), expected)
-            assert conv(x).dtype == torch.bfloat16 and "forward" not in vars(conv)
+        x = torch.randn(2, conv.in_channels, 3, 4, 5)  # (B, C, F, H, W)
+        expected = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=conv.padding)
+        with temporal_convs_as_conv2d(vae):
+            torch.testing.assert_close(conv(x), expected)
+            with torch.autocast("cpu", torch.bfloat16):
+                assert conv(x).dtype == torch.bfloat16  # autocast still applies
+        assert calls[-2:] == [(2, conv.in_channels, 3, 20)] * 2  # (B, C, F, H*W)
+        assert "forward" not in vars(conv)
+    assert len(calls) == 2 * len(convs)
+
+
+def test_a_conv3d_that_mixes_pixels_is_not_rewritten_as_a_conv2d():
+    vae = build_tiny_components(0)[1]
+    vae.decoder.time_conv_out = torch.nn.Conv3d(3, 3, (3, 3, 3), padding=1)
+    with pytest.raises(ValueError, match="mixes pixels"):
+        with temporal_convs_as_conv2d(vae):
+            pass
+    assert all("forward" not in vars(m) for m in vae.decoder.modules())
 
 
 @pytest.mark.both_cores  # two threads: the race needs them
 def test_a_bf16_vae_step_that_trains_the_temporal_layers_gives_the_same_gradients_every_time():
-    # With 2 threads, oneDNN's bf16 weight gradient of the full-resolution temporal convs was now
-    # and then garbage (3-6 of 239 gradients off in 6 repeats); in float32 every repeat is equal.
+    # With 2 threads, oneDNN's bf16 weight gradient of the full-resolution temporal Conv3d was now
+    # and then garbage (3-7 of 239 gradients off in 6-8 repeats); as a Conv2d every repeat is equal.
     c = PretrainConfig()
     vae = build_tiny_components(c.seed, c.unet_width, c.vae_width, c.num_frames, c.unet_inner_width)[1]
     start_per_frame(vae)
@@ -283,7 +301,7 @@ def test_a_bf16_vae_step_that_trains_the_temporal_layers_gives_the_same_gradient
     try:
         for _ in range(4):
             vae.zero_grad()
-            with torch.autocast("cpu", torch.bfloat16), temporal_convs_in_float32(vae):
+            with torch.autocast("cpu", torch.bfloat16), temporal_convs_as_conv2d(vae):
                 loss = vae_loss(vae, clips, 1e-6, torch.Generator().manual_seed(0), 1.0)
             loss.backward()
             grads.append({n: p.grad.clone() for n, p in vae.named_parameters() if p.grad is not None})
@@ -334,6 +352,17 @@ def test_fresh_dancers_every_step_and_heldout_apart():
     assert torch.equal(first, synthetic_batch(("pretrain-vae", 0, 0), 2, 2, 3, 32, 48))
     assert not torch.equal(first, synthetic_batch(("pretrain-vae", 0, 1), 2, 2, 3, 32, 48))
     assert not torch.equal(first[0], first[1])  # every clip of a batch its own dancer
+
+
+def test_vae_steps_that_skip_the_temporal_layers_take_a_dancer_per_frame():
+    config = PretrainConfig(seed=5, width=32, height=48, vae_batch_size=2, vae_frames=3, vae_crop=16)
+    clips = vae_batch(config, 7, skip=False)
+    assert clips.shape == (2, 3, 3, 16, 16)  # clips of 3 frames for the temporal layers
+    frames = vae_batch(config, 7, skip=True)
+    assert frames.shape == (6, 1, 3, 16, 16)  # as many frames, each its own dancer and window
+    assert len({frame.numpy().tobytes() for frame in frames}) == 6
+    assert torch.equal(frames, vae_batch(config, 7, skip=True))
+    assert not torch.equal(frames, vae_batch(config, 8, skip=True))
 
 
 def test_schedule():
