@@ -18,29 +18,31 @@ the trained scale and off (`cnx.convergence`):
   move, 0.117 for the ground truth of these two dancers).
 
 It prints a table and five verdicts. Measured with the tiny profile's 600 steps from the shipped
-pretrained model (VAE at 28.2 dB), on 2 CPU cores in a slow half hour, one thread each and two runs
-at a time (as `make test` runs it beside the other tests): training in float32 (the profile's
-precision on a CPU, as the CI test runs it) 353-362 s, under bf16 autocast
-(`-- --mixed_precision=bf16`) 293-308 s; one measurement 65-88 s; control on unless said:
+pretrained model (VAE at 28.2 dB, UNet stage 600 steps), on 2 CPU cores, one thread each and two
+runs at a time (as `make test` runs it beside the other tests): training in float32 (the profile's
+precision on a CPU, as the CI test runs it) 345-361 s, under bf16 autocast
+(`-- --mixed_precision=bf16`) 309-314 s; one measurement 65-72 s; control on unless said:
 
     seed       loss step 0 -> end  end: off  reversed poses  score step 0 -> end  end: off  contrast 0 -> end
-    0          0.3145 -> 0.2670    0.2880    0.2914          0.1769 -> 0.1510     0.1663    0.0002 -> 0.0120
-    1          0.3140 -> 0.3034    0.3369    0.3301          0.1765 -> 0.1612     0.2034    0.0001 -> 0.0231
-    2          0.3128 -> 0.2802    0.3057    0.3125          0.1746 -> 0.1527     0.1721    0.0001 -> 0.0156
-    0, bf16    0.3145 -> 0.2688    0.2899    0.2961          0.1769 -> 0.1521     0.1698    0.0002 -> 0.0129
-    1, bf16    0.3140 -> 0.2861    0.3132    0.3121          0.1765 -> 0.1598     0.1943    0.0001 -> 0.0198
-    2, bf16    0.3128 -> 0.2765    0.3040    0.3093          0.1746 -> 0.1558     0.1769    0.0001 -> 0.0152
+    0          0.3180 -> 0.2634    0.2912    0.2908          0.1753 -> 0.1616     0.1822    0.0008 -> 0.0151
+    1          0.3185 -> 0.2791    0.3061    0.3087          0.1747 -> 0.1548     0.1877    0.0009 -> 0.0193
+    2          0.3180 -> 0.2651    0.2876    0.2962          0.1738 -> 0.1558     0.1838    0.0007 -> 0.0171
+    0, bf16    0.3180 -> 0.2668    0.2930    0.2937          0.1753 -> 0.1644     0.1854    0.0008 -> 0.0152
+    1, bf16    0.3185 -> 0.2789    0.3056    0.3083          0.1747 -> 0.1554     0.1879    0.0009 -> 0.0194
+    2, bf16    0.3180 -> 0.2641    0.2865    0.2949          0.1738 -> 0.1549     0.1831    0.0007 -> 0.0171
 
-In every run the right poses beat both no control (by 7.3-9.9%) and the same poses reversed (by
-8.1-10.6%; at step 0 the untrained control changes the loss by 0.7-1.3% and the order of the poses
-makes no difference), the held-out loss falls (by 3.4-15.1%), the score of videos sampled with the
-control improves (by 8.7-14.6%) and beats the same model sampled without it (by 9.1-20.7%), and
-their contrast grows from 0.0001-0.0002 to 0.0120-0.0231. `tests/test_convergence.py` asserts
+In every run the right poses beat both no control (by 7.8-9.5%) and the same poses reversed (by
+9.2-10.5%; at step 0 the untrained control changes the loss by 0.1-0.3% and the order of the poses
+makes no difference), the held-out loss falls (by 12.4-17.2%), the score of videos sampled with the
+control improves (by 6.2-11.4%) and beats the same model sampled without it (by 11.3-17.5%), and
+their contrast grows from 0.0007-0.0009 to 0.0151-0.0194. `tests/test_convergence.py` asserts
 these in CI (seed 0, float32). A run at one thread repeats its figures exactly. From the previous
-pretrained tiny SVD (VAE at 27.6 dB) float32 runs had the loss fall 4.5-13.2% but bf16 ones only
-0.8-7.8%; from earlier ones (27.4 and 26.7 dB) 4.5-13.0%, and in float32 only 1.4% at seed 1 from
-the 26.7 dB one; from one at 24.9 dB, only 4.1-6.4%. The ground truth of the validation dancer
-scores a contrast of 0.118 (notebook 05 shows it through the VAE too).
+pretrained tiny SVD (the same VAE, UNet stage 800 steps at learning rate 3e-4) the loss fell
+3.4-15.1%, by 3.4% only at float32 seed 1; from the one before (VAE at 27.6 dB) float32 runs had it
+fall 4.5-13.2% but bf16 ones only 0.8-7.8%; from earlier ones (27.4 and 26.7 dB) 4.5-13.0%, and in
+float32 only 1.4% at seed 1 from the 26.7 dB one; from one at 24.9 dB, only 4.1-6.4%. The ground
+truth of the validation dancer scores a contrast of 0.118 (notebook 05 shows it through the VAE
+too).
 """
 
 from __future__ import annotations
