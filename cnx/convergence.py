@@ -91,7 +91,7 @@ class RememberedEncodes:
 def models_of(pipe):
     """The training step's `Models` for a `ControlNeXtSVDPipeline`'s components (float32)."""
     from cnx.controlnext import ControlNeXtSVD
-    from cnx.train import Models
+    from cnx.step import Models
 
     model = ControlNeXtSVD(pipe.unet, pipe.controlnext)
     vae = RememberedEncodes(pipe.vae)
@@ -101,14 +101,14 @@ def models_of(pipe):
 @torch.no_grad()
 def heldout_loss(models, batches: list[dict], options, control_scale: float, num_sigmas: int = 4) -> float:
     """Mean training loss over clips x `num_sigmas` fixed sigmas (log-normal quantiles), fixed noise."""
-    from cnx.train import training_step
+    from cnx.step import heldout_step
 
     losses = []
     for b, batch in enumerate(batches):
         for i, sigma in enumerate(edm.lognormal_quantiles(num_sigmas)):
             generator = stream_generator(HELDOUT_STREAM, b, i)
             sigmas = sigma.expand(len(batch["pixel_values"]))
-            out = training_step(models, batch, options, generator, sigma=sigmas, control_scale=control_scale)
+            out = heldout_step(models, batch, sigmas, control_scale, generator)
             losses.append(out.per_sample)
     return float(torch.cat(losses).mean())
 
@@ -116,7 +116,7 @@ def heldout_loss(models, batches: list[dict], options, control_scale: float, num
 def validation_sets(heldout_dir: str | Path, num_frames: int):
     """The two held-out validation dancers with their keypoints: `data_samples`' and `write_heldout`'s."""
     from cnx.profiles import DATA_SAMPLES
-    from cnx.validate import read_validation_set
+    from cnx.validation import read_validation_set
 
     return [
         read_validation_set(
@@ -139,7 +139,7 @@ def sample_video(
     `videos` (a dict) keeps what was sampled, keyed by set, scale and steps: a notebook that
     shows, measures and ablates one model samples each of its videos once.
     """
-    from cnx.generate import to_uint8
+    from cnx.media import to_uint8
 
     key = (index, float(control_scale), steps)
     if videos is not None and key in videos:
@@ -167,7 +167,7 @@ def sampled_fidelity(
     pipe, validations, options, control_scale: float, steps=SAMPLING_STEPS, videos=None
 ) -> dict:
     """Mean metrics (`cnx.validate.score`) of videos sampled for each validation set, fixed seeds."""
-    from cnx.validate import score
+    from cnx.validation import score
 
     results = []
     for i, validation in enumerate(validations):
@@ -211,7 +211,7 @@ def measure(
 def initial_pipeline(options):
     """The pipeline training starts from: the pretrained SVD and ControlNeXt's seeded initial weights."""
     from cnx.pipeline import ControlNeXtSVDPipeline
-    from cnx.train import build_models
+    from cnx.step import build_models
 
     models, scheduler = build_models(options, "cpu", torch.float32)
     controlnext_svd = models.model
@@ -228,20 +228,11 @@ def initial_pipeline(options):
 
 
 def trained_pipeline(options, weights_path: str | Path):
-    """The pipeline with the weights a training run wrote (an export, or a checkpoint exported here)."""
-    import tempfile
+    """The pipeline with the weights a training run wrote: an export, a checkpoint or its output_dir."""
+    from cnx.sampler import find_trained_weights, load_pipeline
 
-    from cnx.export import export_checkpoint
-    from cnx.generate import find_trained_weights, load_pipeline
-    from cnx.train import checkpoint_step
-
-    path = Path(weights_path)
-    with tempfile.TemporaryDirectory(prefix=f"cnx-{path.name}-") as tmp:  # gone once the weights are loaded
-        if checkpoint_step(path) is not None and not (path / "controlnext").is_dir():  # training state only
-            export_checkpoint(path, Path(tmp), True, options.pretrained_model_name_or_path)
-            path = Path(tmp)
-        controlnext, unet = find_trained_weights(path)
-        pipe = load_pipeline(options.pretrained_model_name_or_path, controlnext, unet, device="cpu")
+    weights = find_trained_weights(weights_path)
+    pipe = load_pipeline(options.pretrained_model_name_or_path, weights, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -254,7 +245,7 @@ def through_vae(vae, frames, chunk_size: int | None = None):
     The best any generated video can look: the UNet only ever makes latents, and this VAE
     turns them into pixels.
     """
-    from cnx.generate import to_uint8
+    from cnx.media import to_uint8
     from cnx.pretrain import reconstruct
 
     clip = torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float() / 127.5 - 1  # (1, F, 3, H, W)
@@ -270,7 +261,7 @@ def run_options(folder: str | Path):
     from cnx.options import TrainingOptions
 
     folder = Path(folder).resolve()
-    options = TrainingOptions.from_json(folder / "training_options.json")
+    options = TrainingOptions.from_json(folder)
     local = {
         name: str(folder / value)
         for name in ("pretrained_model_name_or_path", "output_dir")
@@ -281,10 +272,9 @@ def run_options(folder: str | Path):
 
 def read_steps(output_dir: str | Path) -> list[dict]:
     """The records of `logs/steps.jsonl`, one per optimizer step."""
-    import json
+    from cnx.runs import STEPS_LOG, read_log
 
-    lines = (Path(output_dir) / "logs" / "steps.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return read_log(Path(output_dir) / STEPS_LOG)
 
 
 def long_sequence(folder: str | Path, name: str, num_frames: int, interval: int):
@@ -293,7 +283,7 @@ def long_sequence(folder: str | Path, name: str, num_frames: int, interval: int)
     Its reference is the clip's first frame; it has the clip's known keypoints, so it scores.
     """
     from cnx.pose import load_keypoints
-    from cnx.validate import ValidationSet
+    from cnx.validation import ValidationSet
     from cnx.video import container_info, read_frames
 
     folder = Path(folder)

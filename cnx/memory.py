@@ -62,11 +62,12 @@ import functools
 import json
 import math
 import sys
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from cnx import flags
+from cnx.flags import flag
 from cnx.options import TRAINABLE
 from cnx.profiles import PROFILES, get_profile
 
@@ -88,28 +89,24 @@ PARTS = ("weights", "half_copies", "master_weights", "gradients", "optimizer", "
 # Options and the plan
 
 
-def _option(default, help: str, choices: tuple | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
 @dataclass(frozen=True)
 class MemoryOptions:
-    profile: str = _option("full", "model sizes and default clip shape", tuple(PROFILES))
-    trainable: str = _option("full", "what trains, as `cnx train --trainable`", TRAINABLE)
-    num_gpus: int = _option(1, "data-parallel GPUs (ZeRO partitions over them)")
-    mixed_precision: str | None = _option(None, "no, fp16 or bf16; default: the profile's", MIXED_PRECISION)
-    zero_stage: int = _option(0, "DeepSpeed ZeRO stage; 0 = no DeepSpeed (DDP)", ZERO_STAGES)
-    offload_optimizer: bool = _option(False, "DeepSpeed: optimizer states (and fp32 master) on the CPU")
-    use_8bit_adam: bool = _option(False, "bitsandbytes' 8-bit AdamW")
-    use_ema: bool = _option(False, "keep an EMA copy of the trainable parameters")
-    gradient_checkpointing: bool = _option(True, "recompute activations in backward")
-    per_gpu_batch_size: int = _option(1, "clips per GPU per micro-batch")
-    sample_n_frames: int | None = _option(None, "frames per clip; default: the profile's")
-    width: int | None = _option(None, "pixels, a multiple of 8; default: the profile's")
-    height: int | None = _option(None, "pixels, a multiple of 8; default: the profile's")
-    rank: int = _option(128, "LoRA rank, with trainable=lora")
-    gpu_memory_gb: float | None = _option(None, "GPU memory in GiB (an 80 GB card holds 80): find max_frames")
-    reserve_gb: float = _option(DEFAULT_RESERVE_GB, "GiB kept free for what the plan does not count")
+    profile: str = flag("full", "model sizes and default clip shape", tuple(PROFILES))
+    trainable: str = flag("full", "what trains, as `cnx train --trainable`", TRAINABLE)
+    num_gpus: int = flag(1, "data-parallel GPUs (ZeRO partitions over them)")
+    mixed_precision: str | None = flag(None, "no, fp16 or bf16; default: the profile's", MIXED_PRECISION)
+    zero_stage: int = flag(0, "DeepSpeed ZeRO stage; 0 = no DeepSpeed (DDP)", ZERO_STAGES)
+    offload_optimizer: bool = flag(False, "DeepSpeed: optimizer states (and fp32 master) on the CPU")
+    use_8bit_adam: bool = flag(False, "bitsandbytes' 8-bit AdamW")
+    use_ema: bool = flag(False, "keep an EMA copy of the trainable parameters")
+    gradient_checkpointing: bool = flag(True, "recompute activations in backward")
+    per_gpu_batch_size: int = flag(1, "clips per GPU per micro-batch")
+    sample_n_frames: int | None = flag(None, "frames per clip; default: the profile's")
+    width: int | None = flag(None, "pixels, a multiple of 8; default: the profile's")
+    height: int | None = flag(None, "pixels, a multiple of 8; default: the profile's")
+    rank: int = flag(128, "LoRA rank, with trainable=lora")
+    gpu_memory_gb: float | None = flag(None, "GPU memory in GiB (an 80 GB card holds 80): find max_frames")
+    reserve_gb: float = flag(DEFAULT_RESERVE_GB, "GiB kept free for what the plan does not count")
 
     def resolved(self) -> MemoryOptions:
         """These options with the profile's defaults filled in."""
@@ -242,7 +239,7 @@ def tiny_components():
 def meta_models(profile: str, trainable: str, rank: int):
     """(ControlNeXtSVD with `trainable` selected, [vae, image_encoder]), all on the meta device."""
     from cnx.controlnext import ControlNeXtSVD
-    from cnx.train import select_trainable
+    from cnx.trainable import select_trainable
 
     build = full_components_on_meta if profile == "full" else tiny_components
     unet, vae, image_encoder, controlnext = build()
@@ -350,7 +347,7 @@ def measure_saved(
     """What autograd keeps for backward after one training forward of `model` (a ControlNeXtSVD).
 
     clip: (B, F, H, W). Runs on the model's device (meta: shapes only) in `dtype`,
-    with the inputs `cnx.train.training_step` gives it; sets the model's dtype and
+    with the inputs `cnx.step.training_step` gives it; sets the model's dtype and
     checkpointing (with `SavedBytes.checkpoint` standing in for torch's).
     """
     batch_size, num_frames, height, width = clip
@@ -506,31 +503,14 @@ def max_frames(plan: MemoryPlan, model, dtype: torch.dtype) -> int:
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        raise ValueError(message.removeprefix("argument ").replace("\n", " "))
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per MemoryOptions field, plus --no_gradient_checkpointing and --json."""
-    parser = _Parser(
-        prog="cnx plan-memory",
-        description="Bytes per GPU of a ControlNeXt-SVD training step, from the model configs alone.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
+    """One flag per MemoryOptions field (`--no_gradient_checkpointing` keeps activations), plus --json."""
+    parser = flags.build_parser(
+        MemoryOptions,
+        "cnx plan-memory",
+        "Bytes per GPU of a ControlNeXt-SVD training step, from the model configs alone.",
+        defaults={"gpu_memory_gb": 80.0},
     )
-    hints = typing.get_type_hints(MemoryOptions)
-    for f in dataclasses.fields(MemoryOptions):
-        help_ = f.metadata["help"]
-        if f.name == "gradient_checkpointing":
-            parser.add_argument("--no_gradient_checkpointing", action="store_true", help="keep activations")
-        elif hints[f.name] is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=help_)
-        else:
-            base = next(a for a in (*typing.get_args(hints[f.name]), hints[f.name]) if a is not type(None))
-            default = 80.0 if f.name == "gpu_memory_gb" else f.default
-            choices = f.metadata["choices"]
-            parser.add_argument(f"--{f.name}", type=base, default=default, choices=choices, help=help_)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser
 
@@ -540,7 +520,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = vars(build_parser().parse_args(argv))
         as_json = args.pop("json")
-        args["gradient_checkpointing"] = not args.pop("no_gradient_checkpointing")
         plan = plan_memory(MemoryOptions(**args))
     except ValueError as err:
         print(f"cnx plan-memory: {err}", file=sys.stderr)

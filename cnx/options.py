@@ -26,8 +26,11 @@ import json
 import math
 import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from cnx import flags
+from cnx.flags import flag
 
 OPTIONS_FILE = "training_options.json"
 SIGMA_SAMPLERS = ("lognormal", "cosine_interpolated")  # = cnx.edm.SIGMA_SAMPLERS
@@ -48,130 +51,125 @@ UNSUPPORTED_FLAGS = {
 VALIDATION_FLAGS = ("validation_image_folder", "validation_image", "validation_control_folder")
 
 
-def _option(default, help: str, choices: tuple | None = None):
-    """A dataclass field carrying its flag's help (and choices) in its metadata."""
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
 @dataclass(frozen=True)
 class TrainingOptions:
     # Model and weights
-    pretrained_model_name_or_path: str = _option(
+    pretrained_model_name_or_path: str = flag(
         "stabilityai/stable-video-diffusion-img2vid-xt-1-1", "SVD diffusers pipeline folder or hub id"
     )
-    revision: str | None = _option(None, "hub revision of the pretrained pipeline")
-    non_ema_revision: str | None = _option(
+    revision: str | None = flag(None, "hub revision of the pretrained pipeline")
+    non_ema_revision: str | None = flag(
         None, "hub revision of non-EMA weights (kept for the original's CLI)"
     )
-    pretrain_unet: str | None = _option(None, "a UNet folder to start from instead of the pipeline's unet/")
-    controlnet_model_name_or_path: str | None = _option(
+    pretrain_unet: str | None = flag(None, "a UNet folder to start from instead of the pipeline's unet/")
+    controlnet_model_name_or_path: str | None = flag(
         None, "ControlNeXt weights to start from (file or folder); default: freshly initialised"
     )
-    unet_model_name_or_path: str | None = _option(None, "trained UNet weights to start from (file or folder)")
-    trainable: str = _option(
+    unet_model_name_or_path: str | None = flag(None, "trained UNet weights to start from (file or folder)")
+    trainable: str = flag(
         "full",
         "what trains: full = UNet + ControlNeXt; selective = ControlNeXt + the UNet attention's "
         "to_out/to_v; lora = ControlNeXt + peft LoRA adapters (rank --rank) on the UNet attention; "
         "controlnext = ControlNeXt alone",
         TRAINABLE,
     )
-    rank: int = _option(128, "LoRA rank, used with --trainable=lora")
-    train_stage: int | None = _option(
+    rank: int = flag(128, "LoRA rank, used with --trainable=lora")
+    train_stage: int | None = flag(
         None, "ignored: it did nothing in the original; --trainable chooses what trains"
     )
     # Data
-    dataset_type: str = _option("ubc", "data list format: the ubc-style meta_info.json", ("ubc",))
-    meta_info_path: str | None = _option(None, "required: json list of {video_path, guide_path, meta_info}")
-    width: int = _option(576, "training width in pixels, a multiple of 8 (original README: 576)")
-    height: int = _option(1024, "training height in pixels, a multiple of 8 (original README: 1024)")
-    sample_n_frames: int = _option(21, "frames per training clip (original README: 21)")
-    interval_frame: int = _option(3, "spacing between sampled frames; <= 0 draws one in [2, 7] per clip")
-    ref_augment: bool = _option(False, "randomly zoom, shift and colour-jitter the reference image")
-    num_workers: int = _option(2, "dataloader worker processes per GPU; 0 loads in the main process")
-    max_bad_sample_fraction: float = _option(
+    dataset_type: str = flag("ubc", "data list format: the ubc-style meta_info.json", ("ubc",))
+    meta_info_path: str | None = flag(None, "required: json list of {video_path, guide_path, meta_info}")
+    width: int = flag(576, "training width in pixels, a multiple of 8 (original README: 576)")
+    height: int = flag(1024, "training height in pixels, a multiple of 8 (original README: 1024)")
+    sample_n_frames: int = flag(21, "frames per training clip (original README: 21)")
+    interval_frame: int = flag(3, "spacing between sampled frames; <= 0 draws one in [2, 7] per clip")
+    ref_augment: bool = flag(False, "randomly zoom, shift and colour-jitter the reference image")
+    num_workers: int = flag(2, "dataloader worker processes per GPU; 0 loads in the main process")
+    max_bad_sample_fraction: float = flag(
         0.01, "stop the run once more than this fraction of samples failed to load (pitfall 16)"
     )
     # Optimisation
-    per_gpu_batch_size: int = _option(1, "clips per GPU per step")
-    gradient_accumulation_steps: int = _option(1, "micro-batches accumulated per optimizer step")
-    num_train_epochs: int = _option(100, "passes over the data; --max_train_steps overrides it")
-    max_train_steps: int | None = _option(None, "total optimizer steps; overrides --num_train_epochs")
-    learning_rate: float = _option(1e-5, "peak learning rate, after warm-up (original README: 1e-5)")
-    scale_lr: bool = _option(False, "multiply the learning rate by GPUs x accumulation steps x batch size")
-    lr_scheduler: str = _option(
+    per_gpu_batch_size: int = flag(1, "clips per GPU per step")
+    gradient_accumulation_steps: int = flag(1, "micro-batches accumulated per optimizer step")
+    num_train_epochs: int = flag(100, "passes over the data; --max_train_steps overrides it")
+    max_train_steps: int | None = flag(None, "total optimizer steps; overrides --num_train_epochs")
+    learning_rate: float = flag(1e-5, "peak learning rate, after warm-up (original README: 1e-5)")
+    scale_lr: bool = flag(False, "multiply the learning rate by GPUs x accumulation steps x batch size")
+    lr_scheduler: str = flag(
         "constant", "learning-rate schedule (diffusers.optimization's names)", LR_SCHEDULERS
     )
-    lr_warmup_steps: int = _option(
+    lr_warmup_steps: int = flag(
         0, "linear warm-up steps; cnx warms up with every schedule (the original ignored it, pitfall 7)"
     )
-    adam_beta1: float = _option(0.9, "Adam's beta1")
-    adam_beta2: float = _option(0.999, "Adam's beta2")
-    adam_weight_decay: float = _option(1e-2, "AdamW weight decay (cnx spares norms and biases, pitfall 9)")
-    adam_epsilon: float = _option(1e-8, "Adam's epsilon")
-    max_grad_norm: float = _option(
+    adam_beta1: float = flag(0.9, "Adam's beta1")
+    adam_beta2: float = flag(0.999, "Adam's beta2")
+    adam_weight_decay: float = flag(1e-2, "AdamW weight decay (cnx spares norms and biases, pitfall 9)")
+    adam_epsilon: float = flag(1e-8, "Adam's epsilon")
+    max_grad_norm: float = flag(
         1.0, "gradient clipping norm, applied with and without DeepSpeed (pitfall 8)"
     )
-    use_8bit_adam: bool = _option(False, "8-bit AdamW from bitsandbytes (the trainer checks it is installed)")
-    use_ema: bool = _option(False, "keep an EMA of the trained weights and save it (pitfall 6)")
-    gradient_checkpointing: bool = _option(False, "recompute activations in backward to save memory")
-    mixed_precision: str = _option(
+    use_8bit_adam: bool = flag(False, "8-bit AdamW from bitsandbytes (the trainer checks it is installed)")
+    use_ema: bool = flag(False, "keep an EMA of the trained weights and save it (pitfall 6)")
+    gradient_checkpointing: bool = flag(False, "recompute activations in backward to save memory")
+    mixed_precision: str = flag(
         "no",
         "accelerate's mixed precision; sigmas and the loss stay float32 (pitfall 11)",
         ("no", "fp16", "bf16"),
     )
-    allow_tf32: bool = _option(False, "allow TF32 matmuls on Ampere and newer GPUs")
-    enable_xformers_memory_efficient_attention: bool = _option(False, "use xformers attention")
-    latent_cache_mb: int = _option(
+    allow_tf32: bool = flag(False, "allow TF32 matmuls on Ampere and newer GPUs")
+    enable_xformers_memory_efficient_attention: bool = flag(False, "use xformers attention")
+    latent_cache_mb: int = flag(
         0,
         "keep up to this many MiB of VAE posteriors per process in host memory, one per distinct frame, "
         "so a frame is encoded once (fixed videos, fixed crops: small datasets); 0: encode every step",
     )
-    video_cache_mb: int = _option(
+    video_cache_mb: int = flag(
         0,
         "keep up to this many MiB of whole decoded videos per data process in host memory, so each is "
         "opened and decoded once (small datasets); 0: decode each sample's frames from the file",
     )
     # Noise and conditioning
-    sigma_sampler: str = _option(
+    sigma_sampler: str = flag(
         "lognormal",
         "noise-level sampler; the original's cosine_interpolated mismatched SVD (pitfall 13)",
         SIGMA_SAMPLERS,
     )
-    conditioning_dropout_prob: float = _option(
+    conditioning_dropout_prob: float = flag(
         DEFAULT_CONDITIONING_DROPOUT_PROB,
         "chance to drop image embedding, reference latent and control at once, as guidance does (pitfall 12)",
     )
-    control_scale: float = _option(DEFAULT_CONTROL_SCALE, "ControlNeXt's control strength in training")
-    seed: int = _option(0, "seed of every random stream, per (seed, rank, step) (pitfall 10)")
+    control_scale: float = flag(DEFAULT_CONTROL_SCALE, "ControlNeXt's control strength in training")
+    seed: int = flag(0, "seed of every random stream, per (seed, rank, step) (pitfall 10)")
     # Checkpoints, validation, logging
-    output_dir: str = _option("outputs", "where checkpoints, validation and logs are written")
-    checkpointing_steps: int = _option(500, "save the full training state every N optimizer steps")
-    checkpoints_total_limit: int | None = _option(
+    output_dir: str = flag("outputs", "where checkpoints, validation and logs are written")
+    checkpointing_steps: int = flag(500, "save the full training state every N optimizer steps")
+    checkpoints_total_limit: int | None = flag(
         None, "keep only the newest N checkpoints; default: keep all"
     )
-    resume_from_checkpoint: str | None = _option(
+    resume_from_checkpoint: str | None = flag(
         None, "a checkpoint folder, or 'latest' in --output_dir; restores weights, optimizer, schedule, step"
     )
-    validation_steps: int = _option(500, "validate every N optimizer steps")
-    num_validation_images: int = _option(1, "validation videos generated each time; 0: no validation")
-    num_frames: int = _option(
+    validation_steps: int = flag(500, "validate every N optimizer steps")
+    num_validation_images: int = flag(1, "validation videos generated each time; 0: no validation")
+    num_frames: int = flag(
         14, "frames generated at validation (the original's meaning; clips: --sample_n_frames)"
     )
-    decode_chunk_size: int | None = _option(
+    decode_chunk_size: int | None = flag(
         None, "frames the VAE decodes together at validation; default: all (SVD's decoder saw long clips)"
     )
-    validation_image_folder: str | None = _option(
+    validation_image_folder: str | None = flag(
         None, "ground-truth frames 0.png..N.png (give all three or none)"
     )
-    validation_image: str | None = _option(None, "reference image for validation (give all three or none)")
-    validation_control_folder: str | None = _option(None, "pose frames 0.png..N.png (give all three or none)")
-    logging_dir: str = _option("logs", "tracker logs, relative to --output_dir")
-    report_to: str = _option("tensorboard", "where metrics are logged", ("tensorboard", "none"))
-    log_trainable_parameters: bool = _option(False, "write the names of the trained parameters to the output")
-    push_to_hub: bool = _option(False, "push the trained weights to the hub repo --hub_model_id")
-    hub_model_id: str | None = _option(None, "hub repository for --push_to_hub")
-    hub_token: str | None = _option(None, "hub token; never saved: prefer `hf auth login` or $HF_TOKEN")
-    local_rank: int = _option(-1, "accepted and ignored: accelerate passes the rank through the environment")
+    validation_image: str | None = flag(None, "reference image for validation (give all three or none)")
+    validation_control_folder: str | None = flag(None, "pose frames 0.png..N.png (give all three or none)")
+    logging_dir: str = flag("logs", "tracker logs, relative to --output_dir")
+    report_to: str = flag("tensorboard", "where metrics are logged", ("tensorboard", "none"))
+    log_trainable_parameters: bool = flag(False, "write the names of the trained parameters to the output")
+    push_to_hub: bool = flag(False, "push the trained weights to the hub repo --hub_model_id")
+    hub_model_id: str | None = flag(None, "hub repository for --push_to_hub")
+    hub_token: str | None = flag(None, "hub token; never saved: prefer `hf auth login` or $HF_TOKEN")
+    local_rank: int = flag(-1, "accepted and ignored: accelerate passes the rank through the environment")
 
     def problems(self) -> list[str]:
         """Every problem with these values, one short sentence each; empty when all is well."""
@@ -231,21 +229,9 @@ class TrainingOptions:
         """Flags that reproduce these options: `parse_options(options.as_argv()) == options`.
 
         `changed_only` leaves out values equal to their defaults (as the original README's
-        command does); False writes every value that a flag can carry. The hub token is left out.
+        command does). The hub token is left out.
         """
-        argv = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if (
-                f.name in SECRET_FIELDS
-                or value is None
-                or value is False
-                or (changed_only and value == f.default)
-            ):
-                continue
-            text = repr(value) if isinstance(value, float) else str(value)  # repr: floats read back exactly
-            argv.append(f"--{f.name}" if value is True else f"--{f.name}={text}")
-        return argv
+        return flags.as_argv(self, changed_only, skip=SECRET_FIELDS)
 
     def to_json(self, path: str | Path) -> Path:
         """Write `training_options.json` (sorted keys, indent 2) to a folder, or to `path` ending in .json."""
@@ -272,7 +258,7 @@ class TrainingOptions:
                 f"{path}: unknown options {', '.join(unknown)} (not fields of cnx's TrainingOptions)"
             )
         for name, value in values.items():
-            base, optional = _base_type(hints[name])
+            base, optional = flags.base_type(hints[name])
             if base is float and type(value) is int:
                 values[name] = value = float(value)
             if not (type(value) is base or (value is None and optional)):
@@ -286,43 +272,13 @@ def _json_path(path: str | Path) -> Path:
     return path if path.suffix == ".json" else path / OPTIONS_FILE
 
 
-def _base_type(hint) -> tuple[type, bool]:
-    """(type, optional) of a field's annotation: `int | None` gives (int, True), `str` (str, False)."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return (args[0], True) if args else (hint, False)
-
-
-class _OptionsParser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        """Raise instead of printing usage and exiting, so parse_options can say it in one line."""
-        raise ValueError(message.removeprefix("argument ").replace("\n", " "))
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The `cnx train` parser, one flag per TrainingOptions field (its type, default, choices, help)."""
-    parser = _OptionsParser(
-        prog="cnx train",
-        description="Train ControlNeXt on Stable Video Diffusion; every flag is a TrainingOptions field.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,  # a launch script's flags mean exactly what they say
+    return flags.build_parser(
+        TrainingOptions,
+        "cnx train",
+        "Train ControlNeXt on Stable Video Diffusion; every flag is a TrainingOptions field.",
     )
-    hints = typing.get_type_hints(TrainingOptions)
-    for f in dataclasses.fields(TrainingOptions):
-        base, _ = _base_type(hints[f.name])
-        help_ = f.metadata["help"].replace("%", "%%")
-        if base is bool:
-            assert f.default is False, f"{f.name}: a store_true flag must default to False"
-            parser.add_argument(f"--{f.name}", action="store_true", help=help_)
-        else:
-            parser.add_argument(
-                f"--{f.name}",
-                type=base,
-                default=f.default,
-                choices=f.metadata["choices"],
-                metavar=None if f.metadata["choices"] else base.__name__.upper(),
-                help=help_,
-            )
-    return parser
 
 
 def format_help() -> str:
@@ -347,10 +303,10 @@ def _argv_problem(argv: list[str], known: set[str]) -> str | None:
 
 
 def _unknown_problem(extras: list[str], known: set[str]) -> str:
-    flags = [item for item in extras if item.startswith("-")]
-    if not flags:
+    given = [item for item in extras if item.startswith("-")]
+    if not given:
         return f"unexpected value {extras[0]!r}: values follow their flag, as --flag=VALUE or --flag VALUE"
-    name = flags[0].lstrip("-").partition("=")[0]
+    name = given[0].lstrip("-").partition("=")[0]
     close = difflib.get_close_matches(name, sorted(known), n=1)
     hint = f"did you mean --{close[0]}?" if close else "see cnx train --help"
     return f"unknown flag --{name}; {hint}"

@@ -13,7 +13,7 @@ as `cnx.tiny.write_tiny_svd`, in two stages on fresh synthetic clips
    layers skipped in the first steps (`temporal_layers_skipped`), which draw a dancer per
    frame (`vae_batch`); scored by PSNR on held-out dancers (`cnx.metrics.psnr`);
 2. the UNet as an image-to-video model without pose: SVD's objective exactly as
-   `cnx.train.training_step` computes it (first frame -> reference latent and
+   `cnx.step.training_step` computes it (first frame -> reference latent and
    CLIP embedding, log-normal sigmas, EDM preconditioning, conditioning
    dropout), with the trained VAE and the stand-in's CLIP encoder frozen;
    scored by the loss on a fixed held-out batch with fixed noise and sigmas.
@@ -36,13 +36,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from cnx import conditioning, edm
+from cnx import edm
 from cnx.seeding import derive_seed, stream_generator
+from cnx.step import Models, Objective, heldout_step, training_step
 from cnx.tiny import save_svd_folder
 
 INITIAL_LOGVAR = -6.0  # the VAE posterior's starting log-variance (bias of quant_conv's logvar half)
@@ -456,7 +456,7 @@ def train_vae(vae, config: PretrainConfig, heldout: torch.Tensor, progress: bool
 
 
 class WithoutControl(torch.nn.Module):
-    """The UNet behind the model interface of `cnx.train.training_step`, the pose ignored."""
+    """The UNet behind the model interface of `cnx.step.training_step`, the pose ignored."""
 
     def __init__(self, unet):
         super().__init__()
@@ -467,11 +467,7 @@ class WithoutControl(torch.nn.Module):
 
 
 # SVD's own objective is ControlNeXt's training step with the control off (same dropout, sigmas).
-SVD_OBJECTIVE = SimpleNamespace(
-    conditioning_dropout_prob=conditioning.DEFAULT_CONDITIONING_DROPOUT_PROB,
-    control_scale=0.0,
-    sigma_sampler="lognormal",
-)
+SVD_OBJECTIVE = Objective(control_scale=0.0)
 
 
 def svd_loss(
@@ -479,18 +475,18 @@ def svd_loss(
 ) -> torch.Tensor:
     """(B,) SVD's per-sample loss of (B, F, 3, H, W) clips in [-1, 1], conditioned on their first frame.
 
-    `cnx.train.training_step` with no pose and no hand weights; `sigma` (B,) fixes the
+    `cnx.step.training_step` with no pose and no hand weights; `sigma` (B,) fixes the
     noise levels and turns the conditioning dropout off, as for held-out losses.
     """
-    from cnx.train import training_step
-
     batch = {
         "pixel_values": pixels,
         "reference_image": pixels[:, 0],  # SVD animates its conditioning frame
         "pose_frames": torch.zeros(0),
         "hand_weights": torch.ones_like(pixels[:, :, :1]),  # (B, F, 1, H, W): every position weighs 1
     }
-    return training_step(models, batch, SVD_OBJECTIVE, generator, sigma=sigma).per_sample
+    if sigma is None:
+        return training_step(models, batch, SVD_OBJECTIVE, generator).per_sample
+    return heldout_step(models, batch, sigma, SVD_OBJECTIVE.control_scale, generator).per_sample
 
 
 @torch.no_grad()
@@ -507,8 +503,6 @@ def train_unet(
     unet, vae, image_encoder, config: PretrainConfig, heldout: torch.Tensor, progress=True
 ) -> dict:
     from tqdm.auto import tqdm
-
-    from cnx.train import Models
 
     models = Models(vae, image_encoder, None, WithoutControl(unet), torch.float32)
     unet.eval()

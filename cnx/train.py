@@ -1,8 +1,8 @@
 """`cnx train` / `python -m cnx.train`: ControlNeXt on SVD, launchable with `accelerate launch`.
 
-One optimizer step is `training_step` (a batch -> its loss), called by the loop,
-the notebooks and the tests. The loop around it is `train`, split by phase
-comments. What makes a run safe to stop and resume:
+The loop only: one optimizer step's loss is `cnx.step.training_step`, what
+trains and how it updates is `cnx.trainable`, where things go in the output
+folder is `cnx.runs`. What makes a run safe to stop and resume:
 - every random draw of a step comes from a generator seeded by (seed, rank,
   step, micro-batch) through `cnx.seeding`, and the data order by (seed, epoch),
   so a resumed run draws exactly what an uninterrupted one would;
@@ -22,197 +22,20 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cnx import conditioning, edm
-from cnx.latents import (
-    FrameLatentCache,
-    channels_last_on_cpu,
-    embed_reference,
-    encode_chunk_frames,
-    encode_reference,
-    encode_video_latents,
-)
+from cnx import edm, runs
 from cnx.seeding import stream_generator
-
-VAE_CHUNK_FRAMES = 8  # frames through the VAE encoder at once (a 21 x 576x1024 clip never at once)
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINABLE_ATTENTION = ("to_out", "to_v")  # what --trainable selective trains in the UNet's attention
-
-
-# ---------------------------------------------------------------------------------------------
-# One step
-
-
-@dataclass
-class Models:
-    """What a training step needs: the frozen VAE and image encoder, and the UNet + ControlNeXt wrapper."""
-
-    vae: torch.nn.Module
-    image_encoder: torch.nn.Module
-    feature_extractor: object
-    model: torch.nn.Module  # cnx.controlnext.ControlNeXtSVD, possibly wrapped by accelerate
-    weight_dtype: torch.dtype  # of the frozen models and the forward pass
-    latent_cache: FrameLatentCache | None = None  # --latent_cache_mb: each frame's posterior, once
-    encode_chunk: int = VAE_CHUNK_FRAMES  # frames per VAE encoder call (`build_models`: 1 on a CPU)
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    loss: torch.Tensor  # () float32, the mean over the batch
-    per_sample: torch.Tensor  # (B,) float32
-    sigma: torch.Tensor  # (B,) float32
-
-
-def training_step(
-    models: Models,
-    batch: dict,
-    options,
-    generator: torch.Generator,
-    sigma: torch.Tensor | None = None,
-    control_scale: float | None = None,
-) -> StepOutput:
-    """The loss of one batch: latents, conditioning and its dropout, noise, the UNet with the control.
-
-    batch: `cnx.data.ClipDataset` items collated: pixel_values (B, F, 3, H, W) in [-1, 1],
-    pose_frames (B, F, 3, H, W) in [0, 1], reference_image (B, 3, H, W), hand_weights
-    (B, F, 1, H, W). Every random draw comes from `generator`, in a fixed order.
-    Held-out evaluation fixes the noise level `sigma` (B,) and the `control_scale`:
-    then nothing is dropped and no sigma is drawn.
-    """
-    device = models.vae.device
-    pixels = batch["pixel_values"].to(device)
-    reference = batch["reference_image"].to(device)
-    batch_size, num_frames = pixels.shape[:2]
-
-    # Latents and the reference's conditioning (frozen models, no gradients).
-    latents = encode_video_latents(
-        models.vae, pixels, models.encode_chunk, generator, models.latent_cache
-    ).float()  # (B, F, C, h, w)
-    noisy_reference = conditioning.noise_augment_reference(reference, generator)
-    reference_latents = encode_reference(models.vae, noisy_reference).float()  # (B, C, h, w), unscaled
-    embeddings = embed_reference(
-        models.image_encoder, reference, models.feature_extractor
-    ).float()  # (B, 1, D)
-
-    if sigma is None:
-        # Conditioning dropout: the unconditional case drops all three together (pitfall 12).
-        dropout = conditioning.sample_conditioning_dropout(
-            batch_size,
-            generator,
-            conditioning_dropout_prob=options.conditioning_dropout_prob,
-            control_scale=options.control_scale,
-        )
-        embeddings, reference_latents = dropout.apply(embeddings, reference_latents)
-        sigma = edm.sample_sigmas(batch_size, options.sigma_sampler, generator)  # (B,)
-    else:
-        scale = options.control_scale if control_scale is None else control_scale
-        dropout = conditioning.ConditioningDropout.keep_all(batch_size, control_scale=scale)
-
-    # Noise and preconditioning, in float32 (pitfall 11).
-    sigma = sigma.to(device)
-    noise = edm.gaussian_noise(latents, generator)
-    noisy = edm.add_noise(latents, sigma, noise)  # (B, F, C, h, w)
-    c_noise = edm.precondition(sigma)[3]
-    model_input = torch.cat(
-        [edm.scale_input(noisy, sigma), reference_latents[:, None].expand(-1, num_frames, -1, -1, -1)], dim=2
-    )  # (B, F, 2C, h, w)
-    time_ids = conditioning.added_time_ids(batch_size=batch_size, device=device)
-
-    # The UNet with the control (autocast, when on, wraps only this forward).
-    output = models.model(
-        model_input.to(models.weight_dtype),
-        c_noise,
-        embeddings.to(models.weight_dtype),
-        time_ids.to(models.weight_dtype),
-        pose_frames=batch["pose_frames"].to(device, models.weight_dtype),
-        control_scale=dropout.control_scale.to(device),
-    ).sample
-    denoised = edm.denoise(noisy, output, sigma)
-    per_sample = edm.denoising_loss(denoised, latents, sigma, batch["hand_weights"].to(device))  # (B,)
-    return StepOutput(loss=per_sample.mean(), per_sample=per_sample, sigma=sigma)
-
-
-def step_generator(seed: int, rank: int, step: int, micro: int, device="cpu") -> torch.Generator:
-    """The generator of one micro-batch: the ("train", seed, rank, step, micro) stream (pitfall 10)."""
-    return stream_generator("train", seed, rank, step, micro, device=device)
-
-
-# ---------------------------------------------------------------------------------------------
-# What trains
-
-
-def select_trainable(model, trainable: str, rank: int = 128) -> list[torch.nn.Parameter]:
-    """Freeze what `--trainable` leaves alone; return the parameters that train.
-
-    full: UNet + ControlNeXt; selective: ControlNeXt + the UNet attention's to_out / to_v;
-    lora: ControlNeXt + LoRA adapters (rank `rank`) on the UNet's attention; controlnext: ControlNeXt.
-    """
-    model.unet.requires_grad_(trainable == "full")
-    model.controlnext.requires_grad_(True)
-    if trainable == "selective":
-        for name, parameter in model.unet.named_parameters():
-            if any(f".{part}." in name for part in TRAINABLE_ATTENTION):
-                parameter.requires_grad_(True)
-    elif trainable == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
-
-        config = LoraConfig(
-            r=rank,
-            lora_alpha=rank,
-            init_lora_weights="gaussian",
-            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-        )
-        inject_adapter_in_model(config, model.unet)
-    elif trainable not in ("full", "controlnext"):
-        raise ValueError(f"unknown --trainable {trainable!r}")
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def parameter_groups(model, weight_decay: float) -> list[dict]:
-    """Two groups (pitfall 9): decay for weight matrices and kernels, none for norms and biases."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(groups: list[dict], options, device="cpu"):
-    """AdamW (or bitsandbytes' 8-bit AdamW) over `groups`; on a CPU torch's fused kernel.
-
-    The fused CPU step is one pass over each tensor instead of a dozen: on 2 cores the tiny
-    profile's 2.7 M parameters step in 4.5 ms instead of 16.6 ms.
-    """
-    kwargs = dict(
-        lr=options.learning_rate, betas=(options.adam_beta1, options.adam_beta2), eps=options.adam_epsilon
-    )
-    if options.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(groups, **kwargs)
-        except Exception as err:  # missing, or no usable backend on this machine
-            raise SystemExit(f"cnx train: --use_8bit_adam needs a working bitsandbytes ({err})") from None
-    fused = True if torch.device(device).type == "cpu" else None  # None: torch's choice for the device
-    return torch.optim.AdamW(groups, **kwargs, fused=fused)
-
-
-def build_lr_scheduler(optimizer, options, total_steps: int):
-    """diffusers' schedule with warm-up for every name (pitfall 7: "constant" ignored its warm-up)."""
-    from diffusers.optimization import get_scheduler
-
-    name = options.lr_scheduler
-    if name == "constant" and options.lr_warmup_steps > 0:
-        name = "constant_with_warmup"
-    return get_scheduler(
-        name, optimizer, num_warmup_steps=options.lr_warmup_steps, num_training_steps=total_steps
-    )
-
+from cnx.step import Objective, build_models, step_generator, training_step
+from cnx.trainable import (
+    build_lr_scheduler,
+    build_optimizer,
+    export_folders,
+    parameter_groups,
+    select_trainable,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Data order
@@ -256,86 +79,7 @@ def batches(dataset, indices: list[int], batch_size: int, num_workers: int, epoc
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """The step of a `checkpoint-<step>` folder, None for any other name (pitfall 3)."""
-    suffix = path.name.removeprefix(CHECKPOINT_PREFIX)
-    return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
-
-
-def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Finished checkpoints of a run, oldest first (temporary folders of a crashed save are skipped)."""
-    found = [
-        p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and checkpoint_step(p) is not None
-    ]
-    return sorted((p for p in found if (p / "trainer_state.json").is_file()), key=checkpoint_step)
-
-
-def resolve_resume(value: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint to resume: None, "latest" (in output_dir; none yet is a fresh start) or any path."""
-    if value is None:
-        return None
-    if value == "latest":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(value)
-    if not (path / "trainer_state.json").is_file():
-        raise SystemExit(f"cnx train: {path}: not a complete cnx checkpoint (no trainer_state.json)")
-    return path
-
-
-def rotate(output_dir: Path, limit: int | None, keep: Path | None) -> None:
-    """Delete the oldest checkpoints beyond `limit`, never `keep` (the one this run resumed from)."""
-    if not limit:
-        return
-    found = complete_checkpoints(output_dir)
-    for old in found[: max(0, len(found) - limit)]:
-        if keep is None or old.resolve() != keep.resolve():
-            shutil.rmtree(old)
-
-
-# ---------------------------------------------------------------------------------------------
-# Logs
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keep the json lines of `path` up to `step`: later ones are redone by a resumed run.
-
-    A line cut short by a crash (not valid json) is dropped too.
-    """
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-class StepLog:
-    """`logs/steps.jsonl`: one json line per optimizer step, flushed as written (main process only)."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int):
-        self.file = None
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            truncate_log(path, resume_step)
-            truncate_log(path.parent / "validation.jsonl", resume_step)
-            self.file = path.open("a")
-
-    def write(self, record: dict) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+# Stopping on bad values
 
 
 def samples_of(batch: dict) -> str:
@@ -375,79 +119,6 @@ def loop_batches(
         for batch in iterate_with_budget(loader, budget, options.per_gpu_batch_size):
             yield epoch, start_batch + budget.seen // options.per_gpu_batch_size, batch
         epoch, skip = epoch + 1, 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Models
-
-
-@contextmanager
-def _loading(source: str, error: type[Exception]):
-    """An OSError while loading the pipeline's parts becomes one line naming the source."""
-    try:
-        yield
-    except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise error(f"{source}: cannot load the SVD pipeline's parts: {first}") from err
-
-
-def build_models(options, device, weight_dtype: torch.dtype):
-    """(Models, unwrapped; the pipeline's scheduler) from the options' folders and weights."""
-    from diffusers import (
-        AutoencoderKLTemporalDecoder,
-        EulerDiscreteScheduler,
-        UNetSpatioTemporalConditionModel,
-    )
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-    from cnx.controlnext import ControlNeXt, ControlNeXtSVD, controlnext_config_for
-    from cnx.generate import InputError
-    from cnx.seeding import derive_seed
-    from cnx.tiny import quiet_progress_bars
-    from cnx.weights import load_controlnext_state, load_unet_state
-
-    source, revision = options.pretrained_model_name_or_path, options.revision
-    with quiet_progress_bars(), _loading(source, InputError):
-        vae = AutoencoderKLTemporalDecoder.from_pretrained(source, subfolder="vae", revision=revision)
-        image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-            source, subfolder="image_encoder", revision=revision
-        )
-        feature_extractor = CLIPImageProcessor.from_pretrained(
-            source, subfolder="feature_extractor", revision=revision
-        )
-        scheduler = EulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
-        unet_source = options.pretrain_unet or source
-        subfolder = None if (Path(unet_source) / "config.json").is_file() else "unet"
-        unet = UNetSpatioTemporalConditionModel.from_pretrained(
-            unet_source, subfolder=subfolder, revision=options.non_ema_revision or revision
-        )
-    with torch.random.fork_rng():  # ControlNeXt's initial weights from --seed, the global RNG left alone
-        torch.manual_seed(derive_seed("controlnext-init", options.seed))
-        controlnext = ControlNeXt(**controlnext_config_for(unet.config.block_out_channels[0]))
-    if (
-        options.controlnet_model_name_or_path
-    ):  # strict, each file read by its own extension (pitfalls 1, 2, 5)
-        load_controlnext_state(controlnext, options.controlnet_model_name_or_path)
-    if options.unet_model_name_or_path:
-        load_unet_state(unet, options.unet_model_name_or_path)
-    if options.enable_xformers_memory_efficient_attention:
-        try:
-            import xformers  # noqa: F401
-
-            unet.enable_xformers_memory_efficient_attention()
-        except ImportError:
-            print("cnx train: xformers is not installed; attention uses PyTorch SDPA", file=sys.stderr)
-    model = ControlNeXtSVD(unet, controlnext)
-    if options.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    for frozen in (vae, image_encoder):
-        frozen.requires_grad_(False).eval().to(device)
-        if frozen.dtype != weight_dtype:  # diffusers warns on every `to(dtype)`, even a no-op
-            frozen.to(weight_dtype)
-    channels_last_on_cpu(vae)
-    cache = FrameLatentCache(options.latent_cache_mb * 2**20) if options.latent_cache_mb else None
-    chunk = encode_chunk_frames(device, VAE_CHUNK_FRAMES)
-    return Models(vae, image_encoder, feature_extractor, model, weight_dtype, cache, chunk), scheduler
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,16 +191,15 @@ def make_accelerator(options):
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, record: dict, options) -> Path:
     """accelerator.save_state on every rank into a temporary folder, renamed once complete."""
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    partial = output_dir / f".partial-{CHECKPOINT_PREFIX}{step}"
+    final, partial = runs.checkpoint_dir(output_dir, step), runs.partial_dir(output_dir, step)
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))  # every rank: DeepSpeed writes its shards from each
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        options.to_json(partial / "training_options.json")
-        (partial / "trainer_state.json").write_text(json.dumps(record, indent=2) + "\n")  # written last
+        options.to_json(partial / runs.OPTIONS_FILE)
+        runs.write_state(partial, record)  # written last: it marks the checkpoint complete
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
@@ -549,7 +219,8 @@ def optimizer_step(accelerator, models, data, options, optimizer, trainable, ste
     for micro in range(options.gradient_accumulation_steps):
         epoch, position, batch = next(data)
         with accelerator.accumulate(models.model):
-            out = training_step(models, batch, options, step_generator(options.seed, rank, step, micro))
+            generator = step_generator(options.seed, rank, step, micro)
+            out = training_step(models, batch, Objective.from_options(options), generator)
             finite_or_stop(out.per_sample, "loss", step + 1, out.sigma, batch)
             accelerator.backward(out.loss)
             if accelerator.sync_gradients:  # clipped in every mode (pitfall 8)
@@ -563,6 +234,19 @@ def optimizer_step(accelerator, models, data, options, optimizer, trainable, ste
         sigmas.append(out.sigma.detach())
     loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
     return epoch, position, loss, torch.cat(sigmas), grad_norm
+
+
+def log_trainable_parameters(model, trainable: str, output_dir: Path) -> Path:
+    """Write the trained parameters' names and shapes to logs/trainable_parameters.txt; print the count."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    path = output_dir / "logs" / "trainable_parameters.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{name}\t{tuple(p.shape)}\n" for name, p in named))
+    count, total = sum(p.numel() for _, p in named), sum(p.numel() for p in model.parameters())
+    print(
+        f"trainable parameters ({trainable}): {count:,} of {total:,} in {len(named)} tensors, names in {path}"
+    )
+    return path
 
 
 def log_to_tensorboard(accelerator, record: dict, sigma: torch.Tensor) -> None:
@@ -589,7 +273,7 @@ def train(options) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        options.to_json(output_dir / "training_options.json")
+        options.to_json(output_dir / runs.OPTIONS_FILE)
         if accelerator.state.deepspeed_plugin is not None:  # the configuration DeepSpeed really ran with
             config = accelerator.state.deepspeed_plugin.deepspeed_config
             (output_dir / "logs").mkdir(exist_ok=True)
@@ -614,7 +298,7 @@ def train(options) -> Path:
     total_steps = options.max_train_steps or options.num_train_epochs * steps_per_epoch
 
     if options.validation_image_folder:  # a broken validation folder fails now, not at the first validation
-        from cnx.validate import read_validation_set
+        from cnx.validation import read_validation_set
 
         read_validation_set(
             options.validation_image_folder, options.validation_control_folder, options.validation_image
@@ -624,10 +308,7 @@ def train(options) -> Path:
     models, scheduler = build_models(options, accelerator.device, weight_dtype)
     trainable = select_trainable(models.model, options.trainable, options.rank)
     if options.log_trainable_parameters and main:
-        total = sum(p.numel() for p in models.model.parameters())
-        print(
-            f"trainable parameters: {sum(p.numel() for p in trainable):,} of {total:,} ({options.trainable})"
-        )
+        log_trainable_parameters(models.model, options.trainable, output_dir)
     learning_rate = options.learning_rate
     if options.scale_lr:
         learning_rate *= options.gradient_accumulation_steps * options.per_gpu_batch_size * world
@@ -651,11 +332,11 @@ def train(options) -> Path:
     accelerator.register_for_checkpointing(lr_scheduler)
 
     # Resume: weights, optimizer, schedule, EMA, RNG, step and data position (pitfall 4).
-    resumed = resolve_resume(options.resume_from_checkpoint, output_dir)
+    resumed = runs.resolve_resume(options.resume_from_checkpoint, output_dir)
     step, position = 0, 0
     if resumed is not None:
         accelerator.load_state(str(resumed))
-        state = json.loads((resumed / "trainer_state.json").read_text())
+        state = runs.read_state(resumed)
         step, position = state["step"], state["batches"]
         if main:
             print(f"resumed from {resumed} at step {step}")
@@ -663,7 +344,7 @@ def train(options) -> Path:
         accelerator.init_trackers(
             "cnx", config={k: v for k, v in vars(options).items() if isinstance(v, (int, float, str, bool))}
         )
-    log = StepLog(output_dir / "logs" / "steps.jsonl", main, step)
+    log = runs.StepLog(output_dir, main, step)
     data = loop_batches(dataset, options, world, accelerator.process_index, position)
     bar = tqdm(
         total=total_steps,
@@ -720,16 +401,17 @@ def train(options) -> Path:
                 state = {"step": step, "batches": position, "epoch": epoch}
                 save_checkpoint(accelerator, output_dir, step, state, options)
                 if main:
-                    rotate(output_dir, options.checkpoints_total_limit, keep=resumed)
+                    runs.rotate(output_dir, options.checkpoints_total_limit, keep=resumed)
     finally:  # the bar and the log close before any error is printed
         bar.close()
         log.close()
 
     # Export the final weights (and their EMA) as diffusers folders; upload them when asked.
     if main:
-        export(accelerator.unwrap_model(model), output_dir / "final", options.trainable, ema, trainable)
+        final = output_dir / runs.FINAL
+        export_folders(accelerator.unwrap_model(model), final, options.trainable, ema, trainable)
         if options.push_to_hub:
-            push_to_hub(output_dir / "final", options)
+            push_to_hub(final, options)
     accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - start
     if main:
@@ -762,7 +444,7 @@ def validate_during_training(accelerator, models, scheduler, ema, trainable, opt
     """
     if accelerator.is_main_process:
         from cnx.pipeline import ControlNeXtSVDPipeline
-        from cnx.validate import read_validation_set, run_validation
+        from cnx.validation import read_validation_set, run_validation
 
         unwrapped = accelerator.unwrap_model(models.model)
         validation = read_validation_set(
@@ -783,7 +465,7 @@ def validate_during_training(accelerator, models, scheduler, ema, trainable, opt
         if ema is not None:
             ema.store(trainable)
             ema.copy_to(trainable)
-        log_path = Path(options.output_dir) / "logs" / "validation.jsonl"
+        log_path = Path(options.output_dir) / runs.VALIDATION_LOG
         try:
             for i in range(options.num_validation_images):
                 out_dir = Path(options.output_dir) / "validation" / f"step-{step:06d}" / f"video-{i}"
@@ -818,64 +500,21 @@ def _log_grid(accelerator, path: Path, step: int, index: int) -> None:
     tracker.add_image(f"validation/grid-{index}", np.asarray(Image.open(path)), step, dataformats="HWC")
 
 
-def export(model, out_dir: Path, trainable: str, ema=None, parameters=None) -> Path:
-    """Diffusers folders of the trained weights: controlnext/, unet/ (when trained) and their EMA copies."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def save(suffix: str) -> None:
-        model.controlnext.save_pretrained(out_dir / f"controlnext{suffix}", safe_serialization=True)
-        if trainable == "lora":
-            from peft.utils import get_peft_model_state_dict
-            from safetensors.torch import save_file
-
-            adapter = {k: v.contiguous() for k, v in get_peft_model_state_dict(model.unet).items()}
-            (out_dir / f"unet_lora{suffix}").mkdir(exist_ok=True)
-            save_file(adapter, out_dir / f"unet_lora{suffix}" / "adapter_model.safetensors")
-            merged_unet(model.unet).save_pretrained(out_dir / f"unet{suffix}", safe_serialization=True)
-        elif trainable != "controlnext":
-            model.unet.save_pretrained(out_dir / f"unet{suffix}", safe_serialization=True)
-
-    save("")
-    if ema is not None:
-        ema.store(parameters)
-        ema.copy_to(parameters)
-        try:
-            save("_ema")
-        finally:
-            ema.restore(parameters)
-    return out_dir
-
-
-def merged_unet(unet):
-    """A plain diffusers UNet whose weights are `unet`'s with its LoRA adapters merged in."""
-    import copy
-
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    merged = copy.deepcopy(unet)
-    for module in merged.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-    state = {
-        key.replace(".base_layer.", "."): value
-        for key, value in merged.state_dict().items()
-        if "lora_" not in key
-    }
-    plain = type(unet).from_config(unet.config)
-    plain.load_state_dict(state, strict=True)
-    return plain
-
-
 def main(argv: list[str] | None = None) -> int:
     from cnx.checks import DataCheckError
-    from cnx.generate import InputError
+    from cnx.media import InputError
     from cnx.options import parse_options
     from cnx.weights import WeightLoadError
 
     options = parse_options(argv)
     try:
         train(options)
-    except (DataCheckError, InputError, WeightLoadError) as err:  # bad input, found before training
+    except (
+        DataCheckError,
+        InputError,
+        WeightLoadError,
+        runs.RunLayoutError,
+    ) as err:  # bad input, found before training
         print(f"cnx train: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:

@@ -12,7 +12,7 @@ import torch
 from cnx import memory
 from cnx.controlnext import ControlNeXtSVD
 from cnx.memory import MemoryOptions, plan_memory, tiny_components
-from cnx.train import parameter_groups, select_trainable
+from cnx.trainable import parameter_groups, select_trainable
 
 CLIP = (1, 2, 64, 64)  # (B, F, H, W): small, the step's only job is to make every state tensor
 TINY = dict(profile="tiny", mixed_precision="no", sample_n_frames=CLIP[1], height=CLIP[2], width=CLIP[3])

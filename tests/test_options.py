@@ -218,7 +218,7 @@ def test_help_flag_prints_and_exits_0(capsys):
         (["--width"], "--width: expected one argument"),
         (["--lr_scheduler=cosine_warm"], "--lr_scheduler: invalid choice: 'cosine_warm'"),
         (["--dataset_type=webvid"], "--dataset_type: invalid choice: 'webvid'"),
-        (["--gradient_checkpointing=yes"], "--gradient_checkpointing: ignored explicit argument 'yes'"),
+        (["--gradient_checkpointing=maybe"], "--gradient_checkpointing: expected true or false, got 'maybe'"),
         (["--output_dir="], "--output_dir has an empty value: write --output_dir=VALUE without a space"),
         (["--output_dir", ""], "--output_dir has an empty value"),
         (

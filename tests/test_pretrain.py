@@ -31,8 +31,8 @@ from cnx.pretrain import (
     vae_batch,
     vae_loss,
 )
+from cnx.step import Models
 from cnx.tiny import build_tiny_components
-from cnx.train import Models
 
 SHORT = [
     "--seed", "3",

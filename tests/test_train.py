@@ -1,4 +1,4 @@
-"""cnx.train: the step, what trains, data order, checkpoints; real runs (resume, crash, explosion)."""
+"""The step, what trains, data order, checkpoints; real runs of `python -m cnx.train`."""
 
 import dataclasses
 import json
@@ -11,11 +11,19 @@ import time
 import pytest
 import torch
 
-from cnx import train
+from cnx import runs, train
 from cnx.data import ClipDataset
 from cnx.latents import FrameLatentCache
 from cnx.options import parse_options
 from cnx.profiles import DATA_SAMPLES
+from cnx.step import Objective, build_models, step_generator, training_step
+from cnx.trainable import (
+    build_lr_scheduler,
+    build_optimizer,
+    merged_unet,
+    parameter_groups,
+    select_trainable,
+)
 
 META = DATA_SAMPLES / "meta_info.json"
 SMALL = ["--width=64", "--height=96", "--sample_n_frames=4", "--interval_frame=3", "--num_workers=0"]
@@ -33,7 +41,7 @@ def options_for(tiny_svd_dir, output_dir, *extra):
 @pytest.fixture(scope="module")
 def setup(tiny_svd_dir, tmp_path_factory):
     options = parse_options(options_for(tiny_svd_dir, tmp_path_factory.mktemp("run")))
-    models, _ = train.build_models(options, torch.device("cpu"), torch.float32)
+    models, _ = build_models(options, torch.device("cpu"), torch.float32)
     dataset = ClipDataset(META, 64, 96, 4, 3)
     batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
     return options, models, batch
@@ -45,10 +53,11 @@ def setup(tiny_svd_dir, tmp_path_factory):
 
 def test_pitfall_10_training_step_is_a_function_of_its_generator_and_reaches_every_trainable_weight(setup):
     options, models, batch = setup
-    trainable = train.select_trainable(models.model, "full")
-    first = train.training_step(models, batch, options, train.step_generator(0, 0, 5, 0))
-    again = train.training_step(models, batch, options, train.step_generator(0, 0, 5, 0))
-    other_rank = train.training_step(models, batch, options, train.step_generator(0, 1, 5, 0))
+    objective = Objective.from_options(options)
+    trainable = select_trainable(models.model, "full")
+    first = training_step(models, batch, objective, step_generator(0, 0, 5, 0))
+    again = training_step(models, batch, objective, step_generator(0, 0, 5, 0))
+    other_rank = training_step(models, batch, objective, step_generator(0, 1, 5, 0))
     assert first.loss.dtype == torch.float32 and first.per_sample.shape == (2,) and first.sigma.shape == (2,)
     assert torch.equal(first.loss, again.loss) and torch.equal(first.sigma, again.sigma)
     assert not torch.equal(first.sigma, other_rank.sigma)  # pitfall 10: ranks draw their own streams
@@ -60,10 +69,11 @@ def test_pitfall_10_training_step_is_a_function_of_its_generator_and_reaches_eve
 
 def test_a_step_with_the_latent_cache_has_the_loss_of_a_step_without(setup):
     options, models, batch = setup
+    objective = Objective.from_options(options)
     cached = dataclasses.replace(models, latent_cache=FrameLatentCache(2**20))
-    plain = train.training_step(models, batch, options, train.step_generator(0, 0, 5, 0))
+    plain = training_step(models, batch, objective, step_generator(0, 0, 5, 0))
     for hits in (0, 8):  # the first step encodes the 2 clips' 4 frames, the second reads them back
-        step = train.training_step(cached, batch, options, train.step_generator(0, 0, 5, 0))
+        step = training_step(cached, batch, objective, step_generator(0, 0, 5, 0))
         torch.testing.assert_close(step.per_sample, plain.per_sample)
         assert cached.latent_cache.hits == hits and cached.latent_cache.misses == 8
 
@@ -73,7 +83,7 @@ def test_trainable_sets(setup, mode):
     import copy
 
     model = copy.deepcopy(setup[1].model)
-    trainable = {id(p) for p in train.select_trainable(model, mode, rank=4)}
+    trainable = {id(p) for p in select_trainable(model, mode, rank=4)}
     unet = {name: p for name, p in model.unet.named_parameters()}
     assert all(id(p) in trainable for p in model.controlnext.parameters())
     trained_unet = {name for name, p in unet.items() if id(p) in trainable}
@@ -89,8 +99,8 @@ def test_trainable_sets(setup, mode):
 
 def test_pitfall_9_two_parameter_groups_without_decay_on_norms_and_biases(setup):
     model = setup[1].model
-    train.select_trainable(model, "full")
-    decay, no_decay = train.parameter_groups(model, 0.01)
+    select_trainable(model, "full")
+    decay, no_decay = parameter_groups(model, 0.01)
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
     biases = {id(p) for n, p in model.named_parameters() if n.endswith("bias") or ".norm" in n}
@@ -103,7 +113,7 @@ def test_the_fused_cpu_optimizer_steps_as_the_plain_one_does(setup):
     grads = [torch.randn_like(w) for w in weights]
     stepped = []
     for optimizer_of in (
-        lambda groups: train.build_optimizer(groups, options, "cpu"),
+        lambda groups: build_optimizer(groups, options, "cpu"),
         lambda groups: torch.optim.AdamW(groups, lr=options.learning_rate, fused=False),
     ):
         params = [torch.nn.Parameter(w.clone()) for w in weights]
@@ -123,7 +133,7 @@ def test_the_fused_cpu_optimizer_steps_as_the_plain_one_does(setup):
 def test_pitfall_7_warm_up_works_with_the_constant_schedule(setup):
     options = parse_options(options_for("x", "y", "--lr_warmup_steps=4", "--learning_rate=1e-3"))
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    scheduler = train.build_lr_scheduler(optimizer, options, total_steps=10)
+    scheduler = build_lr_scheduler(optimizer, options, total_steps=10)
     rates = []
     for _ in range(6):
         rates.append(scheduler.get_last_lr()[0])
@@ -145,7 +155,7 @@ def test_pitfall_8_gradients_are_clipped_at_max_grad_norm_once_per_optimizer_ste
 
     options, models, batch = setup
     options = parse_options(options_for("x", "y", "--max_grad_norm=0.5", "--gradient_accumulation_steps=2"))
-    trainable = train.select_trainable(models.model, "controlnext")
+    trainable = select_trainable(models.model, "controlnext")
     accelerator = Accelerator(gradient_accumulation_steps=2)
     optimizer = accelerator.prepare(torch.optim.AdamW(trainable, lr=1e-5))
     calls = []
@@ -180,19 +190,19 @@ def test_pitfall_3_checkpoint_lookup_ignores_other_names_and_takes_any_path(tmp_
     for name in ("checkpoint-2", "checkpoint-10", "checkpoint-last"):
         (tmp_path / name / "trainer_state.json").write_text("{}")
     # checkpoint-11 has no trainer_state.json: a save that did not finish.
-    assert [p.name for p in train.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
-    assert train.resolve_resume("latest", tmp_path).name == "checkpoint-10"
-    assert train.resolve_resume("latest", tmp_path / "empty") is None  # nothing yet: a fresh start
+    assert [p.name for p in runs.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    assert runs.resolve_resume("latest", tmp_path).name == "checkpoint-10"
+    assert runs.resolve_resume("latest", tmp_path / "empty") is None  # nothing yet: a fresh start
     elsewhere = tmp_path / "elsewhere" / "any-name"
     elsewhere.mkdir(parents=True)
     (elsewhere / "trainer_state.json").write_text("{}")
-    assert train.resolve_resume(str(elsewhere), tmp_path) == elsewhere
-    with pytest.raises(SystemExit, match="not a complete cnx checkpoint"):
-        train.resolve_resume(str(tmp_path / "checkpoint-11"), tmp_path)
-    train.rotate(tmp_path, limit=1, keep=tmp_path / "checkpoint-2")  # never the checkpoint resumed from
-    assert [p.name for p in train.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
-    train.rotate(tmp_path, limit=1, keep=None)
-    assert [p.name for p in train.complete_checkpoints(tmp_path)] == ["checkpoint-10"]
+    assert runs.resolve_resume(str(elsewhere), tmp_path) == elsewhere
+    with pytest.raises(runs.RunLayoutError, match="not a complete cnx checkpoint"):
+        runs.resolve_resume(str(tmp_path / "checkpoint-11"), tmp_path)
+    runs.rotate(tmp_path, limit=1, keep=tmp_path / "checkpoint-2")  # never the checkpoint resumed from
+    assert [p.name for p in runs.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    runs.rotate(tmp_path, limit=1, keep=None)
+    assert [p.name for p in runs.complete_checkpoints(tmp_path)] == ["checkpoint-10"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +263,7 @@ def test_an_exploding_run_stops_with_a_clear_message_and_its_checkpoints_intact(
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("cnx train: non-finite") and "sigma" in message and "dancer_" in message
-    saved = train.complete_checkpoints(tmp_path)
+    saved = runs.complete_checkpoints(tmp_path)
     assert saved, "the steps before the explosion were checkpointed"
     from safetensors.torch import load_file
 
@@ -285,7 +295,7 @@ def test_the_original_readme_command_trains_validates_checkpoints_and_exports(ti
     ]
     result = run(tiny_svd_dir, tmp_path, *readme)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [p.name for p in train.complete_checkpoints(tmp_path)] == [
+    assert [p.name for p in runs.complete_checkpoints(tmp_path)] == [
         "checkpoint-2"
     ]  # the last step is saved
     record = json.loads((tmp_path / "logs" / "validation.jsonl").read_text().splitlines()[-1])
@@ -331,12 +341,12 @@ def test_lora_export_merges_the_adapters_into_a_plain_unet(setup):
     import copy
 
     model = copy.deepcopy(setup[1].model)
-    train.select_trainable(model, "lora", rank=4)
+    select_trainable(model, "lora", rank=4)
     with torch.no_grad():
         for name, parameter in model.unet.named_parameters():
             if "lora_B" in name:  # peft starts B at zero: give the adapters something to merge
                 parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    merged = train.merged_unet(model.unet)
+    merged = merged_unet(model.unet)
     assert not any("lora" in name for name in merged.state_dict())
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(1, 2, 8, 12, 8, generator=g)
@@ -353,7 +363,7 @@ def test_lora_export_merges_the_adapters_into_a_plain_unet(setup):
 def test_a_resumed_run_drops_log_lines_past_its_checkpoint_and_a_line_cut_by_a_crash(tmp_path):
     log = tmp_path / "steps.jsonl"
     log.write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 2}\n{"step": 3, "loss": 3}\n{"step": 4, "lo')
-    train.truncate_log(log, 2)
+    runs.truncate_log(log, 2)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
 
 
