@@ -1,20 +1,21 @@
 """Training-step speed and memory, with and without gradient checkpointing, measured in one run.
 
-    .venv/bin/python benchmarks/bench_train.py                  # tiny profile on the CPU (under a minute)
+    .venv/bin/python benchmarks/bench_train.py                  # the tiny profile on the CPU
     python benchmarks/bench_train.py --svd_xt --frames 14 21   # SVD-xt's architecture, random weights, GPU
 
-Each timed step is a faithful trainer step without accelerate: `cnx.train.training_step`
+Each timed step is a faithful trainer step without accelerate: `training_step`
 (VAE encoding, conditioning and its dropout, sigmas, UNet + ControlNeXt, the weighted
 loss), backward, gradient clipping at --max_grad_norm, AdamW over
-`cnx.train.parameter_groups`, zero_grad; the trainable set comes from
-`cnx.train.select_trainable`. The baseline is the same model without gradient
+`parameter_groups`, zero_grad; the trainable set comes from
+`select_trainable`. The baseline is the same model without gradient
 checkpointing; the ratio columns divide by it.
 
-- CPU (default): the tiny profile's stand-in SVD written to a temporary folder by
-  `cnx.tiny.write_tiny_svd` and loaded by `cnx.train.build_models`; 64x96, 8 frames,
-  batch 1, float32. Peak memory is the process's peak resident set size (VmHWM, reset
-  before each row with /proc/self/clear_refs after handing freed heap back with
-  malloc_trim): weights, optimizer state and activations together, not torch's own count.
+- CPU (default): the tiny stand-in SVD with the tiny profile's widths and random weights, written
+  to a temporary folder by `cnx.tiny.write_tiny_svd` and loaded as the trainer loads it; the tiny
+  profile's size and clip length (`cnx.profiles.TINY`), batch 1, float32. Peak memory is the
+  process's peak resident set size (VmHWM, reset before each row with /proc/self/clear_refs after
+  handing freed heap back with malloc_trim): weights, optimizer state and activations together,
+  not torch's own count.
 - `--svd_xt` (GPU): SVD-xt's UNet, VAE and image encoder built from their configurations
   with random weights (nothing is downloaded) and the published ControlNeXt configuration,
   at 576x1024 with 14 and 21 frames; the frozen models in bf16, the trained ones in
@@ -33,20 +34,11 @@ the recomputation counted during its backward (marked "~"). Model FLOP utilisati
 (MFU) = FLOPs / step time / the GPU's peak dense bf16 FLOP/s (PEAK_BF16_TFLOPS, or
 --peak_tflops). On the CPU the attention of torch's CPU kernel is counted too.
 
-Measured on one H100 80GB HBM3 (torch 2.11.0+cu130 there, diffusers 0.42.1), `--svd_xt`,
-576x1024, batch 1, one GPU without ZeRO (AdamW state for all trained parameters on it);
-no row fits without gradient checkpointing:
-
-    --trainable   frames  s/step  peak mem   step adds  TFLOP/step  MFU
-    full          14      1.385   67.0 GiB   48.4 GiB   ~188        13.7%
-    full          21      out of memory with checkpointing too
-    selective     14      1.263   43.2 GiB   35.3 GiB   ~154        12.3%
-    selective     21      1.694   60.2 GiB   52.3 GiB   ~229        13.7%
-    controlnext   21      1.593   48.8 GiB   41.6 GiB   ~209        13.3%
-
-So the original command (full training, 21 frames) does not fit one 80 GB GPU unsharded. Its
-README runs it with DeepSpeed ZeRO-2 over 8 GPUs, which shards the AdamW state and gradients
-(about 11 and 6 GiB of the figures above); that setting is not measured here.
+Each run writes its rows to `benchmarks/results/bench_train.json` (`bench_train_svd_xt.json` with
+`--svd_xt`; `--results` elsewhere) with the date, the machine and torch. The SVD-xt figures there
+say whether the original command (full training, 21 frames) fits one 80 GB GPU unsharded; its
+README runs it with DeepSpeed ZeRO-2 over 8 GPUs, which shards the AdamW state and the gradients,
+a setting not measured here.
 """
 
 from __future__ import annotations
@@ -63,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from record import record, write
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from cnx import train
@@ -326,6 +319,17 @@ def format_row(name: str, result, base, tflop: float, mark: str, batch_size: int
     )
 
 
+def row_record(num_frames: int, checkpointing: bool, result, flops: int, exact: bool, peak) -> dict:
+    """One row of the results file; `result` is `time_steps`' (None: out of memory)."""
+    row = {"frames": num_frames, "gradient_checkpointing": checkpointing}
+    if result is None:
+        return row | {"out_of_memory": True}
+    seconds, memory, added = result
+    row |= {"s_per_step": round(seconds, 4), "peak_gib": round(memory, 3), "step_adds_gib": round(added, 3)}
+    row |= {"tflop_per_step": round(flops / 1e12, 4), "tflop_exact": exact}
+    return row | {"mfu": round(flops / 1e12 / seconds / peak, 4) if peak else None}
+
+
 def peak_tflops(device, given: float | None) -> float | None:
     if given or device.type != "cuda":
         return given
@@ -363,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak bf16 TFLOP/s")
+    parser.add_argument("--results", type=Path, default=None, help="write the record here, not in results/")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     quiet_known_warnings(cpu=not torch.cuda.is_available())
@@ -418,11 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"peak bf16: {f'{peak:g} TFLOP/s' if peak else 'unknown (give --peak_tflops for MFU)'}")
 
+    rows = []
     for num_frames in sizes.frames:
         batch = random_batch(args.batch_size, num_frames, sizes.height, sizes.width)
         counted = count_flops(bench, batch)
         if counted is None:
             print(f"\n{num_frames} frames: out of memory, with gradient checkpointing too")
+            rows.append({"frames": num_frames, "out_of_memory": True})
             continue
         flops, exact = counted
         if not bench.optimizer.state:  # every row starts with the optimizer state in place
@@ -439,7 +446,22 @@ def main(argv: list[str] | None = None) -> int:
             result = time_steps(bench, batch, checkpointing, args.warmup, args.steps)
             base = result if not checkpointing else base
             print(format_row(name, result, base, flops / 1e12, mark, args.batch_size, peak))
+            rows.append(row_record(num_frames, checkpointing, result, flops, exact, peak))
     tmp.cleanup()
+    settings = {
+        "model": what,
+        "trainable": args.trainable,
+        "trained_parameters": sum(p.numel() for p in trainable),
+        "width": sizes.width,
+        "height": sizes.height,
+        "batch_size": args.batch_size,
+        "precision": precision,
+        "threads": args.threads if device.type == "cpu" else None,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "peak_bf16_tflops": peak,
+    }
+    write(record("bench_train", settings=settings, rows=rows), args.results, "svd_xt" if args.svd_xt else "")
     return 0
 
 
