@@ -50,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"cnx generate: {err}", file=sys.stderr)
         return 2
-    pipe = pipeline_from_args(args, weights)
+    from cnx.weights import WeightLoadError
+
+    try:
+        pipe = pipeline_from_args(args, weights)
+    except WeightLoadError as err:  # weights that do not fit this SVD
+        print(f"{parser.prog}: {err}", file=sys.stderr)
+        return 1
     options = sampling_options(args)
     generated = to_uint8(
         pipe(reference, poses, height=height, width=width, output_type="np", **options).frames[0]

@@ -58,9 +58,7 @@ class TrainingOptions:
         "stabilityai/stable-video-diffusion-img2vid-xt-1-1", "SVD diffusers pipeline folder or hub id"
     )
     revision: str | None = flag(None, "hub revision of the pretrained pipeline")
-    non_ema_revision: str | None = flag(
-        None, "hub revision of non-EMA weights (kept for the original's CLI)"
-    )
+    non_ema_revision: str | None = flag(None, "hub revision of non-EMA weights (kept for the original's CLI)")
     pretrain_unet: str | None = flag(None, "a UNet folder to start from instead of the pipeline's unet/")
     controlnet_model_name_or_path: str | None = flag(
         None, "ControlNeXt weights to start from (file or folder); default: freshly initialised"
@@ -106,9 +104,7 @@ class TrainingOptions:
     adam_beta2: float = flag(0.999, "Adam's beta2")
     adam_weight_decay: float = flag(1e-2, "AdamW weight decay (cnx spares norms and biases, pitfall 9)")
     adam_epsilon: float = flag(1e-8, "Adam's epsilon")
-    max_grad_norm: float = flag(
-        1.0, "gradient clipping norm, applied with and without DeepSpeed (pitfall 8)"
-    )
+    max_grad_norm: float = flag(1.0, "gradient clipping norm, applied with and without DeepSpeed (pitfall 8)")
     use_8bit_adam: bool = flag(False, "8-bit AdamW from bitsandbytes (the trainer checks it is installed)")
     use_ema: bool = flag(False, "keep an EMA of the trained weights and save it (pitfall 6)")
     gradient_checkpointing: bool = flag(False, "recompute activations in backward to save memory")
@@ -144,9 +140,7 @@ class TrainingOptions:
     # Checkpoints, validation, logging
     output_dir: str = flag("outputs", "where checkpoints, validation and logs are written")
     checkpointing_steps: int = flag(500, "save the full training state every N optimizer steps")
-    checkpoints_total_limit: int | None = flag(
-        None, "keep only the newest N checkpoints; default: keep all"
-    )
+    checkpoints_total_limit: int | None = flag(None, "keep only the newest N checkpoints; default: keep all")
     resume_from_checkpoint: str | None = flag(
         None, "a checkpoint folder, or 'latest' in --output_dir; restores weights, optimizer, schedule, step"
     )

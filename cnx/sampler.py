@@ -52,17 +52,28 @@ def find_trained_weights(path: str | Path, ema: bool = False) -> TrainedWeights:
             raise InputError(f"{path}: no controlnext{suffix}/ (was the run trained with --use_ema?)")
         unet = path / f"unet{suffix}"
         return TrainedWeights(path / f"controlnext{suffix}", unet if unet.is_dir() else None, ema=ema)
-    if is_checkpoint(path):
-        return TrainedWeights(None, checkpoint=path, ema=ema)
-    latest = latest_checkpoint(path)
-    if latest is not None:
-        return TrainedWeights(None, checkpoint=latest, ema=ema)
+    checkpoint = path if is_checkpoint(path) else latest_checkpoint(path)
+    if checkpoint is not None:
+        _check_checkpoint(checkpoint, ema)
+        return TrainedWeights(None, checkpoint=checkpoint, ema=ema)
     if final_dir(path) is not None:
         return find_trained_weights(final_dir(path), ema)
     raise InputError(
         f"{path}: no ControlNeXt weights here (expected a weights file, a folder with config.json or "
         "controlnext/, a checkpoint-<step> folder, or a training output_dir with checkpoints or final/)"
     )
+
+
+def _check_checkpoint(path: Path, ema: bool) -> None:
+    """What can be known of a checkpoint without reading its weights; InputError naming it."""
+    from cnx.checkpoints import CheckpointError, inspect_checkpoint
+
+    try:
+        checkpoint = inspect_checkpoint(path)
+    except CheckpointError as err:
+        raise InputError(str(err)) from None
+    if ema and not checkpoint.options.use_ema:
+        raise InputError(f"{path}: the run did not use --use_ema, so there are no EMA weights (drop --ema)")
 
 
 def load_pipeline(
@@ -107,15 +118,11 @@ def _load_checkpoint_into(pipe, path: Path, ema: bool) -> None:
     The model is rebuilt with the pipeline's own UNet config, so the strict load also
     checks that the checkpoint was trained on this SVD's architecture.
     """
-    from cnx.checkpoints import CheckpointError, inspect_checkpoint, load_checkpoint
+    from cnx.checkpoints import inspect_checkpoint, load_checkpoint
     from cnx.trainable import merged_unet
 
-    try:
-        checkpoint = inspect_checkpoint(path)
-    except CheckpointError as err:
-        raise InputError(str(err)) from None
-    if ema and not checkpoint.options.use_ema:
-        raise InputError(f"{path}: the run did not use --use_ema, so there are no EMA weights (drop --ema)")
+    _check_checkpoint(path, ema)
+    checkpoint = inspect_checkpoint(path)
     model, trainable, ema_model = load_checkpoint(checkpoint, dict(pipe.unet.config))
     if ema:
         ema_model.copy_to(trainable)

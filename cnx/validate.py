@@ -53,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"cnx validate: {err}", file=sys.stderr)
         return 2
-    pipe = pipeline_from_args(args, weights)
+    from cnx.weights import WeightLoadError
+
+    try:
+        pipe = pipeline_from_args(args, weights)
+    except WeightLoadError as err:  # weights that do not fit this SVD
+        print(f"{parser.prog}: {err}", file=sys.stderr)
+        return 1
     result = run_validation(pipe, validation, args.output_dir, height, width, **sampling_options(args))
     for name, value in result.items():
         print(f"{name:>16}: {value:.4f}")

@@ -1,7 +1,9 @@
-"""cnx export: a checkpoint's export equals the run's own final/ (plain, LoRA, DeepSpeed); bad input."""
+"""What `cnx train` wrote, read back: `cnx export` and the sampler give the run's own final/ (plain, LoRA,
+controlnext-only, DeepSpeed); bad input."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -54,35 +56,103 @@ def assert_same_export(final: Path, exported: Path, exact: bool = True) -> None:
                 torch.testing.assert_close(got[key], tensor, msg=f"{name}: {key}")
 
 
-@pytest.mark.parametrize(
-    "mode, extra, folders",
-    [
-        ("full", ["--use_ema"], {"controlnext", "unet", "controlnext_ema", "unet_ema"}),
-        ("lora", ["--use_ema", "--rank=4"], {"controlnext", "unet", "unet_lora"} | {"unet_lora_ema"}),
-        ("controlnext", [], {"controlnext"}),  # without EMA the LR schedule is custom object 0
-    ],
-)
-def test_an_exported_checkpoint_equals_the_final_export_of_its_run(
-    tiny_svd_dir, tmp_path, mode, extra, folders
-):
-    trained = run(
-        sys.executable, "-m", "cnx.train", *train_argv(tiny_svd_dir, tmp_path, f"--trainable={mode}", *extra)
-    )
-    assert trained.returncode == 0, trained.stderr[-2000:]
-    final = tmp_path / "final"
-    assert {p.name for p in final.iterdir()} >= folders
+# What each --trainable run trains, and the folders its final/ export holds.
+RUNS = {
+    "full": (["--use_ema"], {"controlnext", "unet", "controlnext_ema", "unet_ema"}),
+    "lora": (["--use_ema", "--rank=4"], {"controlnext", "unet", "unet_lora", "unet_lora_ema"}),
+    "controlnext": ([], {"controlnext"}),  # without EMA the LR schedule is custom object 0
+}
+
+
+@pytest.fixture(scope="module", params=list(RUNS))
+def trained(request, tiny_svd_dir, tmp_path_factory):
+    """(mode, output_dir) of a real 2-step `cnx train` run: checkpoint-2 and final/ hold the same step."""
+    mode = request.param
+    output_dir = tmp_path_factory.mktemp(f"run-{mode}")
+    argv = train_argv(tiny_svd_dir, output_dir, f"--trainable={mode}", *RUNS[mode][0])
+    result = run(sys.executable, "-m", "cnx.train", *argv)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return mode, output_dir
+
+
+def test_an_exported_checkpoint_equals_the_final_export_of_its_run(trained, tmp_path):
+    mode, output_dir = trained
+    final = output_dir / "final"
+    assert {p.name for p in final.iterdir()} >= RUNS[mode][1]
     out = tmp_path / "exported"
     (out / "unet_lora_ema").mkdir(parents=True)  # a stale export folder, and a file of the user's
     (out / "unet_lora_ema" / "stale.safetensors").write_text("old")
     (out / "notes.txt").write_text("mine")
 
-    result = cnx_export(tmp_path / "checkpoint-2", out, "--overwrite")
+    result = cnx_export(output_dir / "checkpoint-2", out, "--overwrite")
 
     assert result.returncode == 0, result.stderr[-2000:]
     (out / "notes.txt").unlink()  # left alone; the stale folder was replaced or removed
     assert_same_export(final, out)
     assert all(str(out / name) in result.stdout for name in {p.name for p in final.iterdir()})
     assert "step 2" in result.stdout.splitlines()[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling reads what training wrote: a checkpoint, the output_dir, final/
+
+
+def sampler_state(tiny_svd_dir, path, ema: bool = False) -> dict:
+    """Every weight of the pipeline `cnx generate --controlnext PATH` samples with."""
+    from cnx.sampler import find_trained_weights, load_pipeline
+
+    pipe = load_pipeline(str(tiny_svd_dir), find_trained_weights(path, ema), device="cpu")
+    return {
+        f"{name}.{k}": v
+        for name in ("controlnext", "unet")
+        for k, v in getattr(pipe, name).state_dict().items()
+    }
+
+
+def assert_same_state(got: dict, want: dict, exact: bool = True) -> None:
+    assert got.keys() == want.keys()
+    for key, tensor in want.items():
+        if exact:
+            assert torch.equal(got[key], tensor), key
+        else:
+            torch.testing.assert_close(got[key], tensor, msg=key)
+
+
+def test_a_checkpoint_and_its_output_dir_sample_with_the_weights_of_final(trained, tiny_svd_dir, tmp_path):
+    mode, output_dir = trained
+    final = sampler_state(tiny_svd_dir, output_dir / "final")
+    pretrained = sampler_state(tiny_svd_dir, output_dir / "final" / "controlnext")  # the SVD's own UNet
+    assert_same_state(sampler_state(tiny_svd_dir, output_dir / "checkpoint-2"), final)
+    # The output_dir's latest complete checkpoint; an unfinished save (no trainer_state.json) is passed over.
+    shutil.copytree(output_dir / "checkpoint-2", tmp_path / "run" / "checkpoint-2")
+    shutil.copytree(output_dir / "checkpoint-2", tmp_path / "run" / "checkpoint-4", ignore=ignore_state)
+    assert_same_state(sampler_state(tiny_svd_dir, tmp_path / "run"), final)
+    unet_trained = any(not torch.equal(final[k], pretrained[k]) for k in final if k.startswith("unet."))
+    assert unet_trained == (mode != "controlnext")  # full and LoRA runs sample with their trained UNet
+    if "--use_ema" in RUNS[mode][0]:
+        ema = sampler_state(tiny_svd_dir, output_dir / "final", ema=True)
+        assert_same_state(sampler_state(tiny_svd_dir, output_dir / "checkpoint-2", ema=True), ema)
+        assert any(not torch.equal(ema[k], final[k]) for k in final)
+
+
+def ignore_state(folder, names):
+    return ["trainer_state.json"] if "trainer_state.json" in names else []
+
+
+@pytest.mark.parametrize("trained", ["full"], indirect=True)  # the weights of every mode are compared above
+def test_validate_reads_an_output_dir_and_a_checkpoint_that_cnx_train_wrote(trained, tiny_svd_dir, tmp_path):
+    from cnx.cli import main
+
+    output_dir = trained[1]
+    validation = DATA_SAMPLES / "validation"
+    metrics = []
+    for controlnext in (output_dir, output_dir / "checkpoint-2", output_dir / "final"):
+        out = tmp_path / controlnext.name
+        argv = ["validate", f"--pretrained_model_name_or_path={tiny_svd_dir}", f"--controlnext={controlnext}"]
+        argv += [f"--validation_dir={validation}", f"--output_dir={out}", "--height=96", "--width=64"]
+        assert main([*argv, "--num_inference_steps=2", "--max_frames=4"]) == 0
+        metrics.append(json.loads((out / "metrics.json").read_text())["metrics"])
+    assert metrics[0] == metrics[1] == metrics[2]  # the same weights, the same seed: the same video
 
 
 def test_a_deepspeed_zero2_checkpoint_exports_its_fp32_weights(tiny_svd_dir, tmp_path):
@@ -106,6 +176,9 @@ def test_a_deepspeed_zero2_checkpoint_exports_its_fp32_weights(tiny_svd_dir, tmp
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_export(tmp_path / "final", out, exact=False)
     assert {p.name for p in out.iterdir()} == {"controlnext", "unet", "controlnext_ema", "unet_ema"}
+    for ema in (False, True):  # the sampler reads the shards too
+        final = sampler_state(tiny_svd_dir, tmp_path / "final", ema)
+        assert_same_state(sampler_state(tiny_svd_dir, checkpoint, ema), final, exact=False)
 
 
 # ---------------------------------------------------------------------------------------------

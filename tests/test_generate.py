@@ -10,8 +10,9 @@ import torch
 
 from cnx.cli import main as cnx
 from cnx.controlnext import ControlNeXt, controlnext_config_for
-from cnx.generate import InputError, find_trained_weights, frame_grid
+from cnx.media import InputError, frame_grid
 from cnx.profiles import DATA_SAMPLES
+from cnx.sampler import TrainedWeights, find_trained_weights
 
 VALIDATION = DATA_SAMPLES / "validation"
 NO_MODEL = "/nonexistent/svd"  # a model path that cannot load: bad input must be refused before it is tried
@@ -77,18 +78,16 @@ def test_validate_refuses_mismatched_folders_naming_both(tmp_path, export, capsy
     )
 
 
-def test_trained_weights_are_found_in_files_exports_checkpoints_and_output_dirs(tmp_path, export):
-    assert find_trained_weights(export) == (export / "controlnext", None)
-    assert find_trained_weights(export / "controlnext") == (export / "controlnext", None)
-    output_dir = tmp_path / "run"
-    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-last", "checkpoint-30-broken"):
-        shutil.copytree(export / "controlnext", output_dir / name / "controlnext")
-    (output_dir / "checkpoint-10" / "unet").mkdir()
-    (output_dir / "checkpoint-99").mkdir()  # no weights inside: not a candidate
-    latest = output_dir / "checkpoint-10"
-    assert find_trained_weights(output_dir) == (latest / "controlnext", latest / "unet")
-    with pytest.raises(InputError, match="no ControlNeXt weights"):
+def test_trained_weights_are_found_in_files_and_exports(tmp_path, export):
+    """Checkpoints and output_dirs of real runs: tests/test_export.py."""
+    assert find_trained_weights(export) == TrainedWeights(export / "controlnext")
+    assert find_trained_weights(export / "controlnext") == TrainedWeights(export / "controlnext")
+    with pytest.raises(InputError, match="no controlnext_ema/"):
+        find_trained_weights(export, ema=True)
+    with pytest.raises(InputError, match="nothing: no such file or folder"):
         find_trained_weights(tmp_path / "nothing")
+    with pytest.raises(InputError, match="no ControlNeXt weights here"):
+        find_trained_weights(tmp_path)
 
 
 def test_frame_grid_keeps_each_frames_aspect_ratio():
