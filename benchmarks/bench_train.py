@@ -58,9 +58,10 @@ import torch
 from record import record, write
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from cnx import train
 from cnx.options import TRAINABLE, parse_options
 from cnx.profiles import DATA_SAMPLES, TINY, quiet_known_warnings
+from cnx.step import Models, Objective, build_models, step_generator, training_step
+from cnx.trainable import build_optimizer, parameter_groups, select_trainable
 
 # Dense bf16 tensor-core TFLOP/s by device name, the first match wins (vendor data sheets, no sparsity).
 PEAK_BF16_TFLOPS = (
@@ -100,12 +101,12 @@ def tiny_models(folder: Path, options, device):
     from cnx.tiny import write_tiny_svd
 
     write_tiny_svd(folder, seed=0, unet_width=TINY.unet_width, unet_inner_width=TINY.unet_inner_width)
-    models, _ = train.build_models(options, device, torch.float32)
+    models, _ = build_models(options, device, torch.float32)
     models.model.to(device)
     return models
 
 
-def svd_xt_models(device, weight_dtype: torch.dtype) -> train.Models:
+def svd_xt_models(device, weight_dtype: torch.dtype) -> Models:
     """SVD-xt's architecture with random weights: frozen parts in `weight_dtype`, trained ones in float32."""
     from transformers import CLIPImageProcessor
 
@@ -117,9 +118,7 @@ def svd_xt_models(device, weight_dtype: torch.dtype) -> train.Models:
     for frozen in (vae, image_encoder):
         frozen.requires_grad_(False).eval().to(device, weight_dtype)
     feature_extractor = CLIPImageProcessor(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-    return train.Models(
-        vae, image_encoder, feature_extractor, ControlNeXtSVD(unet, controlnext), weight_dtype
-    )
+    return Models(vae, image_encoder, feature_extractor, ControlNeXtSVD(unet, controlnext), weight_dtype)
 
 
 def random_batch(batch_size: int, num_frames: int, height: int, width: int) -> dict:
@@ -140,7 +139,7 @@ def random_batch(batch_size: int, num_frames: int, height: int, width: int) -> d
 
 @dataclass
 class Bench:
-    models: train.Models
+    models: Models
     net: torch.nn.Module  # the ControlNeXtSVD itself (models.model may carry an autocast forward)
     options: object
     optimizer: torch.optim.Optimizer
@@ -150,8 +149,8 @@ class Bench:
 
     def loss(self, batch: dict) -> torch.Tensor:
         self.step += 1
-        generator = train.step_generator(self.options.seed, 0, self.step, 0)
-        return train.training_step(self.models, batch, self.options, generator).loss
+        generator = step_generator(self.options.seed, 0, self.step, 0)
+        return training_step(self.models, batch, Objective.from_options(self.options), generator).loss
 
     def trainer_step(self, batch: dict) -> None:
         """What one optimizer step of `cnx train` does, accelerate aside."""
@@ -399,11 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         models = tiny_models(Path(options.pretrained_model_name_or_path), options, device)
     net = models.model
-    trainable = train.select_trainable(net, args.trainable, options.rank)
+    trainable = select_trainable(net, args.trainable, options.rank)
     net.to(device).train()
     if weight_dtype != torch.float32:  # accelerate's bf16: autocast around the trained model's forward only
         models.model.forward = torch.autocast(device.type, dtype=weight_dtype)(net.forward)
-    optimizer = train.build_optimizer(train.parameter_groups(net, options.adam_weight_decay), options, device)
+    optimizer = build_optimizer(parameter_groups(net, options.adam_weight_decay), options, device)
     bench = Bench(models, net, options, optimizer, trainable, device)
     build_s = time.perf_counter() - start
 
