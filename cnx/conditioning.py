@@ -53,8 +53,11 @@ def rank_generator(seed: int, rank: int, device: str | torch.device = "cpu", str
 
     The same (seed, rank, stream) always gives the same stream; another rank or
     another --seed gives another, and one rank can hold several independent
-    streams (dropout and noise in "train", another for data loading). Everything
-    random in a training step draws from this generator, never from torch's global one.
+    streams (dropout and noise in "train", another for data loading). For a
+    notebook or a test that draws a batch's dropout by hand; the trainer draws each
+    micro-batch from its own finer stream, `cnx.step.step_generator` (seed, rank,
+    step, micro-batch), so a resumed run repeats an uninterrupted one. Neither draws
+    from torch's global generator.
     """
     return stream_generator(stream, seed, rank, device=device)
 

@@ -113,16 +113,6 @@ def person_boxes_from_keypoints(body, body_scores, margin: float = 0.1) -> np.nd
     return np.asarray(boxes, dtype=np.float64)
 
 
-def person_boxes_from_detections(detections) -> np.ndarray:
-    """(F, 2, 2) the first person box of each frame's `cnx.meta.FrameDetections`, clipped to the frame."""
-    boxes = []
-    for t, frame in enumerate(detections):
-        if len(frame.boxes) == 0:
-            raise ValueError(f"frame {t} has no person box")
-        boxes.append(np.clip(frame.boxes[0], 0.0, 1.0))
-    return np.asarray(boxes, dtype=np.float64)
-
-
 def _box_crop(video: torch.Tensor, t: int, box, min_size: int) -> torch.Tensor:
     """Frame t of (F, 3, H, W) cut to a normalised box, grown about its centre to >= min_size pixels."""
     (x0, y0), (x1, y1) = np.asarray(box, dtype=np.float64)

@@ -121,9 +121,8 @@ def guidance_conditions(
 def apply_guidance(model_output: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
     """uncond + w * (cond - uncond) for a (2B, F, C, h, w) batch [uncond; cond] and weights (F,)."""
     uncond, cond = model_output.chunk(2)
-    weight = append_dims(
-        guidance.to(model_output.device, model_output.dtype), uncond.ndim - 1
-    )  # (F, 1, 1, 1)
+    guidance = guidance.to(model_output.device, model_output.dtype)
+    weight = append_dims(guidance, uncond.ndim - 1)  # (F, 1, 1, 1)
     return uncond + weight * (cond - uncond)
 
 

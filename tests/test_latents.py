@@ -45,10 +45,23 @@ def test_chunked_and_unchunked_video_latents_agree(pipe):
     assert not torch.allclose(sampled[0], whole)
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_video_latents_are_scaled_by_this_vaes_own_factor(pipe, cached):
+    """Not SD's 0.18215 (the stand-in VAE's value, which hides a hard-coded constant): the shipped tiny
+    SVD's VAE has 2.75585, measured on its own latents (`cnx pretrain-tiny`)."""
+    vae = copy.deepcopy(pipe.vae)
+    vae.register_to_config(scaling_factor=2.75585)
+    pixels = torch.rand(1, 2, 3, 48, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    cache = FrameLatentCache(max_bytes=2**20) if cached else None
+    latents = encode_video_latents(vae, pixels, None, None, cache)  # (1, 2, C, h, w)
+    with torch.no_grad():
+        mode = vae.encode(pixels[0]).latent_dist.mode()  # (2, C, h, w)
+    torch.testing.assert_close(latents[0], mode * 2.75585)
+
+
 def test_the_latent_cache_encodes_each_distinct_frame_once_and_changes_no_latent(pipe):
-    pixels = (
-        torch.rand(2, 3, 3, 48, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    )  # (B, F, 3, H, W)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2, 3, 3, 48, 32, generator=g) * 2 - 1  # (B, F, 3, H, W)
     cache = FrameLatentCache(max_bytes=2**20)
     with mock.patch.object(pipe.vae, "encode", wraps=pipe.vae.encode) as encode:
         first = encode_video_latents(pipe.vae, pixels, 4, torch.Generator().manual_seed(1), cache)

@@ -295,9 +295,7 @@ def test_the_original_readme_command_trains_validates_checkpoints_and_exports(ti
     ]
     result = run(tiny_svd_dir, tmp_path, *readme)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [p.name for p in runs.complete_checkpoints(tmp_path)] == [
-        "checkpoint-2"
-    ]  # the last step is saved
+    assert [p.name for p in runs.complete_checkpoints(tmp_path)] == ["checkpoint-2"]  # the last step is saved
     record = json.loads((tmp_path / "logs" / "validation.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 2 and {"psnr", "ssim", "temporal_error"} <= set(record)
     assert (tmp_path / "validation" / "step-000002" / "video-0" / "grid.png").is_file()
@@ -394,3 +392,73 @@ def test_bad_input_stops_the_run_in_clear_lines_before_training(tiny_svd_dir, tm
         result.stderr[-800:]
     )
     assert "Traceback" not in result.stderr and not (tmp_path / "checkpoint-1").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Guards: a save that fails half-way, the EMA's place in the step
+
+
+class FailingSaveAccelerator:
+    """One process whose `save_state` writes part of a checkpoint, then fails (a full disk, a kill)."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "model.safetensors"), "wb") as file:
+            file.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+
+def test_a_save_that_fails_half_way_leaves_no_checkpoint_and_keeps_the_old_one(tmp_path):
+    options = parse_options(options_for("x", tmp_path))
+    with pytest.raises(OSError, match="No space"):
+        train.save_checkpoint(FailingSaveAccelerator(), tmp_path, 3, {"step": 3}, options)
+    assert not runs.checkpoint_dir(tmp_path, 3).exists() and runs.latest_checkpoint(tmp_path) is None
+    # A complete checkpoint-3 already there (a resumed run saving the same step again) stays as it was.
+    existing = runs.checkpoint_dir(tmp_path, 3)
+    existing.mkdir()
+    (existing / "model.safetensors").write_bytes(b"the complete weights")
+    runs.write_state(existing, {"step": 3, "batches": 3, "epoch": 0})
+    before = {p.name: p.read_bytes() for p in existing.iterdir()}
+    with pytest.raises(OSError, match="No space"):
+        train.save_checkpoint(FailingSaveAccelerator(), tmp_path, 3, {"step": 3}, options)
+    assert {p.name: p.read_bytes() for p in existing.iterdir()} == before
+    assert runs.latest_checkpoint(tmp_path) == existing
+
+
+def test_the_ema_is_updated_after_the_optimizer_step(tiny_svd_dir, tmp_path):
+    """diffusers' first EMA update has decay 0: after one step the EMA is the trained weights.
+
+    An EMA updated before the optimizer step would copy the initial weights instead. The update
+    computes ema - (ema - weight), so "is" means to float rounding (1e-12 seen), far below one
+    step's change: 1e-4 (the learning rate) in the UNet, 2e-7 in the ControlNeXt (its gradient
+    at this first step is zero here: weight decay alone moves it).
+    """
+    from safetensors.torch import load_file
+
+    steps = ["--max_train_steps=1", "--lr_warmup_steps=0", "--learning_rate=1e-4"]  # warm-up's first lr is 0
+    result = run(tiny_svd_dir, tmp_path, "--use_ema", *steps, "--report_to=none")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    def final(name):
+        return load_file(tmp_path / "final" / name / "diffusion_pytorch_model.safetensors")
+
+    options = parse_options(options_for(tiny_svd_dir, tmp_path / "initial"))
+    initial_model = build_models(options, torch.device("cpu"), torch.float32)[0].model
+    initial = {
+        "controlnext": initial_model.controlnext.state_dict(),
+        "unet": load_file(tiny_svd_dir / "unet" / "diffusion_pytorch_model.safetensors"),
+    }
+
+    def farthest(a, b):
+        assert a.keys() == b.keys()
+        return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+    for name in ("controlnext", "unet"):
+        trained = final(name)
+        assert farthest(final(f"{name}_ema"), trained) < 1e-9, f"{name}: the EMA is not the trained weights"
+        assert farthest(trained, initial[name]) > 1e-7, f"{name} did not train: the check could not fail"
