@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/bench_models.py [--threads 2] [--repeats 15]
 
-Targets (issue figures): the stand-in folder under 20 MB and built in under 30 s;
+Targets: the stand-in folder under 20 MB and built in under 30 s (a notebook cell writes it);
 one UNet forward on 8 frames at 64x96 pixels well under a second. The baseline
 for ControlNeXt's cost is the plain UNet measured in the same run: the ratio says
 what the control adds to a forward and to a forward+backward step. The first call of
 each is reported apart: it pays one-time setup and is often several times slower.
+The figures go to `benchmarks/results/bench_models.json` (`--results` elsewhere).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from record import record, write
 
 from cnx.controlnext import ControlNeXt, ControlNeXtSVD, controlnext_config_for, count_parameters
 from cnx.tiny import folder_size, write_tiny_svd
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats per measurement (median)")
+    parser.add_argument("--results", type=Path, default=None, help="write the record here, not in results/")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -89,6 +92,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     verdict = "met" if fwd_plain[1] < 1.0 else "NOT met"
     print(f"UNet forward under 1 s: {verdict} ({fwd_plain[1] * 1e3:.0f} ms)")
+
+    def ms(pair) -> dict:
+        return {"first_ms": round(pair[0] * 1e3, 2), "median_ms": round(pair[1] * 1e3, 2)}
+
+    settings = {"threads": args.threads, "repeats": args.repeats, "latents": [1, 8, 8, 12, 8]}
+    figures = {
+        "folder_mb": round(size_mb, 2),
+        "build_s": round(build_s, 2),
+        "unet_parameters": count_parameters(unet),
+        "controlnext_parameters": count_parameters(controlnext),
+        "forward": {"plain_unet": ms(fwd_plain), "with_controlnext": ms(fwd_control)},
+        "forward_backward": {"plain_unet": ms(step_plain), "with_controlnext": ms(step_control)},
+    }
+    write(record("bench_models", settings=settings, figures=figures), args.results)
     return 0
 
 

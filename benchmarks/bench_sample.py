@@ -12,9 +12,8 @@ The ratio column divides by the baseline. `--svd_xt` builds SVD-xt's UNet, VAE
 and image encoder from their configurations with random weights (nothing is
 downloaded) at 576x1024 in half precision and reports peak GPU memory.
 
-Measured on one H100 80GB HBM3, `--svd_xt --frames 14 --repeats 1` (25 steps): diffusers'
-SVD 0.781 s/frame and 15.0 GiB; cnx with control and guidance 0.915 s/frame (1.17x) and
-15.2 GiB; without guidance 0.551 (0.71x); in windows of 14 sharing 4, 0.914 (1.17x).
+The rows go to `benchmarks/results/bench_sample.json` (`bench_sample_svd_xt.json` with
+`--svd_xt`; `--results` elsewhere).
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from record import record, write
 
 from cnx.controlnext import ControlNeXt, controlnext_config_for
 
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
+    parser.add_argument("--results", type=Path, default=None, help="write the record here, not in results/")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         p.set_progress_bar_config(disable=True)
     print(f"{device}: {width}x{height}, {steps} steps, windows of {per_batch} sharing {overlap}")
 
+    rows = []
     rng = np.random.default_rng(0)
     reference = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     for num_frames in frames:
@@ -152,6 +154,16 @@ def main(argv: list[str] | None = None) -> int:
             base = base or per_frame
             memory = f"{torch.cuda.max_memory_allocated() / 2**30:6.1f} GiB" if device == "cuda" else "   -"
             print(f"  {name:<28} {per_frame:8.3f} {per_frame / base:6.2f}x   {memory}")
+            peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
+            rows.append(
+                {"frames": num_frames, "name": name, "s_per_frame": round(per_frame, 4)}
+                | {"ratio": round(per_frame / base, 3), "peak_gib": peak}
+            )
+    settings = {"width": width, "height": height, "steps": steps, "frames_per_batch": per_batch}
+    settings |= {"overlap": overlap, "repeats": args.repeats, "dtype": str(pipe.unet.dtype)[6:]}
+    settings |= {"threads": args.threads if device == "cpu" else None}
+    settings |= {"model": f"{'SVD-xt architecture' if args.svd_xt else 'tiny stand-in'}, random weights"}
+    write(record("bench_sample", settings=settings, rows=rows), args.results, "svd_xt" if args.svd_xt else "")
     return 0
 
 
