@@ -1,7 +1,8 @@
 """One home for measured figures: every benchmark writes its record to `benchmarks/results/<name>.json`.
 
 A record says when, where and with what the figures were measured (date, machine, torch, the
-commit, the load on the machine when it finished), then the benchmark's own settings and figures.
+commit checked out (the working tree may differ), the load on the machine when it finished), then
+the benchmark's own settings and figures.
 The README and docs cite these files; docstrings say what a benchmark measures and why, not what
 it measured on a given day. Figures measured elsewhere and copied in carry a "source" instead.
 """
