@@ -90,18 +90,26 @@ def ensure_model(profile: Profile) -> Profile:
     return profile
 
 
-def cpu_has_bfloat16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """Whether this CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX; Linux's flags).
-
-    There bf16 autocast trains the tiny model about 10% faster; elsewhere the same autocast is
-    emulated and slower, so the tiny profile stays float32 and only a caller that checks asks for it
-    (notebook 05, the convergence test). `cnx pretrain-tiny` asks by default and says so where this
-    is False.
-    """
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (`avx512_bf16`, `amx_bf16`, ...); none elsewhere."""
     try:
-        flags = Path(cpuinfo).read_text().split()
-    except OSError:  # not Linux: assume no
-        return False
+        return frozenset(Path(cpuinfo).read_text().split())
+    except OSError:  # not Linux: assume none
+        return frozenset()
+
+
+def cpu_has_bfloat16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bfloat16 natively: x86 AVX512-BF16 or AMX (Linux's flags).
+
+    The evidence for turning bf16 autocast on there, with AMX or without: on 2 cores it trains the
+    tiny model faster than float32 on both (a `cnx train` run with AMX; a `cnx pretrain-tiny` UNet
+    step about twice as fast on an AMD EPYC with avx512_bf16 and no AMX), and its steps are finite
+    and repeat exactly on both once `cnx.cpu_kernels` computes the Conv3d weight gradients that
+    oneDNN gets wrong without AMX. Elsewhere the same autocast is emulated and slower, so the tiny
+    profile stays float32 and only a caller that checks asks for it (notebook 05, the convergence
+    test). `cnx pretrain-tiny` asks by default and says so where this is False.
+    """
+    flags = cpu_flags(cpuinfo)
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

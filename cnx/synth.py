@@ -444,8 +444,11 @@ def render_pose_frame(dancer: Dancer, t: int) -> np.ndarray:
     )
 
 
-def _background(dancer: Dancer):
-    """Wall (vertical gradient, optional pattern) over a floor, at the supersampled size."""
+def render_background(dancer: Dancer):
+    """Wall (vertical gradient, optional pattern) over a floor, at the supersampled size (a PIL image).
+
+    The same for every frame of a dancer: draw it once and pass it to each `render_frame`.
+    """
     from PIL import Image, ImageDraw
 
     frame = dancer.framing
@@ -535,7 +538,7 @@ def render_frame(dancer: Dancer, t: int, background=None) -> tuple[np.ndarray, l
 
     frame = dancer.framing
     size = (frame.width * SUPERSAMPLE, frame.height * SUPERSAMPLE)
-    image = (background if background is not None else _background(dancer)).copy()
+    image = (background if background is not None else render_background(dancer)).copy()
     pose = _skeleton(dancer, t)
     b = pose.body
     w = dancer.build
@@ -640,7 +643,7 @@ def render_frame(dancer: Dancer, t: int, background=None) -> tuple[np.ndarray, l
 
 
 def _render_clip(dancer: Dancer, frame_ids) -> tuple[list, list, list, list[Keypoints]]:
-    background = _background(dancer)
+    background = render_background(dancer)
     rgb, poses, entries, keypoints = [], [], [], []
     for t in frame_ids:
         image, person_box = render_frame(dancer, t, background)

@@ -11,21 +11,17 @@ import torch
 from diffusers import StableVideoDiffusionPipeline
 from safetensors.torch import load_file
 
+import cnx.pretrain
+import cnx.pretrain_unet
+import cnx.pretrain_vae
 from cnx.pipeline import ControlNeXtSVDPipeline
-from cnx.pretrain import (
-    PretrainConfig,
-    WithoutControl,
-    contiguous_group_norms,
-    cosine_lr,
+from cnx.pretrain import parse_args, pretrain
+from cnx.pretrain_recipe import PretrainConfig, cosine_lr, heldout_sets, synthetic_batch
+from cnx.pretrain_unet import WithoutControl, heldout_unet_loss, train_unet
+from cnx.pretrain_vae import (
     heldout_psnr,
-    heldout_sets,
-    heldout_unet_loss,
-    parse_args,
-    pretrain,
     random_crop,
     start_per_frame,
-    synthetic_batch,
-    temporal_convs_as_conv2d,
     temporal_layers_skipped,
     train_vae,
     vae_batch,
@@ -161,12 +157,12 @@ def test_skipping_the_temporal_layers_changes_nothing_once_they_start_per_frame(
 
 
 def test_the_first_share_of_vae_steps_skips_the_temporal_layers_and_the_rest_trains_them(monkeypatch):
-    import cnx.pretrain
-
     skips = []
-    context = cnx.pretrain.temporal_layers_skipped
+    context = cnx.pretrain_vae.temporal_layers_skipped
     monkeypatch.setattr(
-        cnx.pretrain, "temporal_layers_skipped", lambda vae, skip: skips.append(skip) or context(vae, skip)
+        cnx.pretrain_vae,
+        "temporal_layers_skipped",
+        lambda vae, skip: skips.append(skip) or context(vae, skip),
     )
     config = PretrainConfig(
         width=32, height=32, vae_steps=5, vae_batch_size=1, vae_crop=16, warmup=1, vae_skip_temporal=0.6
@@ -182,11 +178,9 @@ def test_the_first_share_of_vae_steps_skips_the_temporal_layers_and_the_rest_tra
 
 @pytest.mark.parametrize("decay", [True, False])
 def test_the_colour_anchor_decays_with_the_learning_rate(decay, monkeypatch):
-    import cnx.pretrain
-
     weights = []
-    loss = cnx.pretrain.vae_loss
-    monkeypatch.setattr(cnx.pretrain, "vae_loss", lambda *a: weights.append(a[-1]) or loss(*a))
+    loss = cnx.pretrain_vae.vae_loss
+    monkeypatch.setattr(cnx.pretrain_vae, "vae_loss", lambda *a: weights.append(a[-1]) or loss(*a))
     config = PretrainConfig(
         width=32, height=32, vae_steps=5, vae_batch_size=1, vae_crop=16, warmup=2, colour_anchor=2.0,
         anchor_decay=decay,
@@ -198,8 +192,6 @@ def test_the_colour_anchor_decays_with_the_learning_rate(decay, monkeypatch):
 
 @pytest.mark.parametrize("bf16", [True, False])
 def test_training_steps_of_both_stages_run_under_bf16_autocast_exactly_when_asked(bf16, monkeypatch):
-    import cnx.pretrain
-
     seen = []  # (stage, autocast on, its dtype) per training step
 
     def spy(stage, loss):
@@ -210,8 +202,8 @@ def test_training_steps_of_both_stages_run_under_bf16_autocast_exactly_when_aske
 
         return wrapped
 
-    monkeypatch.setattr(cnx.pretrain, "vae_loss", spy("vae", cnx.pretrain.vae_loss))
-    monkeypatch.setattr(cnx.pretrain, "svd_loss", spy("unet", cnx.pretrain.svd_loss))
+    monkeypatch.setattr(cnx.pretrain_vae, "vae_loss", spy("vae", cnx.pretrain_vae.vae_loss))
+    monkeypatch.setattr(cnx.pretrain_unet, "svd_loss", spy("unet", cnx.pretrain_unet.svd_loss))
     config = PretrainConfig(
         width=32, height=32, vae_steps=2, vae_batch_size=1, vae_crop=16, unet_steps=2, num_frames=2,
         warmup=1, bf16=bf16,
@@ -220,7 +212,7 @@ def test_training_steps_of_both_stages_run_under_bf16_autocast_exactly_when_aske
     image_encoder.requires_grad_(False)
     heldout = synthetic_batch(("heldout",), 1, 2, 3, 32, 32)
     train_vae(vae, config, heldout, False)
-    cnx.pretrain.train_unet(unet, vae, image_encoder, config, heldout, False)
+    train_unet(unet, vae, image_encoder, config, heldout, False)
     assert seen == [("vae", bf16, torch.bfloat16)] * 2 + [("unet", bf16, torch.bfloat16)] * 2
 
 
@@ -236,10 +228,11 @@ def test_the_vae_loss_is_float32_under_bf16_autocast_and_close_to_the_float32_lo
 
 
 WHOLE_FRAME_STEP = """
-import cnx.pretrain as P
+from cnx.pretrain_recipe import PretrainConfig, heldout_sets
+from cnx.pretrain_vae import train_vae
 from cnx.tiny import build_tiny_components
-config = P.PretrainConfig(vae_steps=1, vae_crop=0, vae_batch_size=1, heldout_clips=1, warmup=1, bf16=True)
-P.train_vae(build_tiny_components(0)[1], config, P.heldout_sets(config)[0], progress=False)
+config = PretrainConfig(vae_steps=1, vae_crop=0, vae_batch_size=1, heldout_clips=1, warmup=1, bf16=True)
+train_vae(build_tiny_components(0)[1], config, heldout_sets(config)[0], progress=False)
 """
 
 
@@ -251,83 +244,6 @@ def test_a_bf16_vae_step_on_whole_128x192_frames_finishes():
         [sys.executable, "-c", WHOLE_FRAME_STEP], capture_output=True, text=True, timeout=180
     )
     assert done.returncode == 0, done.stderr[-3000:]
-
-
-def test_every_decoder_conv3d_computes_as_a_conv2d_with_the_same_output_and_gets_its_own_forward_back(
-    monkeypatch,
-):
-    vae = build_tiny_components(0)[1]
-    convs = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv3d)]
-    assert vae.decoder.time_conv_out in convs and len(convs) > 1  # and the temporal resnets' convs
-    conv2d, calls = torch.nn.functional.conv2d, []
-    monkeypatch.setattr(
-        torch.nn.functional, "conv2d", lambda x, *a, **k: calls.append(x.shape) or conv2d(x, *a, **k)
-    )
-    for conv in convs:
-        x = torch.randn(2, conv.in_channels, 3, 4, 5)  # (B, C, F, H, W)
-        expected = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=conv.padding)
-        with temporal_convs_as_conv2d(vae):
-            torch.testing.assert_close(conv(x), expected)
-            with torch.autocast("cpu", torch.bfloat16):
-                assert conv(x).dtype == torch.bfloat16  # autocast still applies
-        assert calls[-2:] == [(2, conv.in_channels, 3, 20)] * 2  # (B, C, F, H*W)
-        assert "forward" not in vars(conv)
-    assert len(calls) == 2 * len(convs)
-
-
-def test_a_conv3d_that_mixes_pixels_is_not_rewritten_as_a_conv2d():
-    vae = build_tiny_components(0)[1]
-    vae.decoder.time_conv_out = torch.nn.Conv3d(3, 3, (3, 3, 3), padding=1)
-    with pytest.raises(ValueError, match="mixes pixels"):
-        with temporal_convs_as_conv2d(vae):
-            pass
-    assert all("forward" not in vars(m) for m in vae.decoder.modules())
-
-
-@pytest.mark.both_cores  # two threads: the race needs them
-def test_a_bf16_vae_step_that_trains_the_temporal_layers_gives_the_same_gradients_every_time():
-    # With 2 threads, oneDNN's bf16 weight gradient of the full-resolution temporal Conv3d was now
-    # and then garbage (3-7 of 239 gradients off in 6-8 repeats); as a Conv2d every repeat is equal.
-    c = PretrainConfig()
-    vae = build_tiny_components(c.seed, c.unet_width, c.vae_width, c.num_frames, c.unet_inner_width)[1]
-    start_per_frame(vae)
-    vae.train()
-    hooks = contiguous_group_norms(vae)  # as in training: the layouts the race showed up with
-    clips = synthetic_batch(("determinism", 0, 0), 4, 2, 3, 128, 192)
-    clips = random_crop(clips, 64, np.random.default_rng(0))  # (4, 2, 3, 64, 64) as in training
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    grads = []
-    try:
-        for _ in range(4):
-            vae.zero_grad()
-            with torch.autocast("cpu", torch.bfloat16), temporal_convs_as_conv2d(vae):
-                loss = vae_loss(vae, clips, 1e-6, torch.Generator().manual_seed(0), 1.0)
-            loss.backward()
-            grads.append({n: p.grad.clone() for n, p in vae.named_parameters() if p.grad is not None})
-    finally:
-        torch.set_num_threads(threads)
-        for hook in hooks:
-            hook.remove()
-    first, *others = grads
-    differ = sorted({n for other in others for n in first if not torch.equal(first[n], other[n])})
-    assert not differ
-
-
-def test_group_norms_get_contiguous_inputs_with_the_same_output_until_the_hooks_go():
-    norm = torch.nn.GroupNorm(4, 8)
-    torch.nn.init.normal_(norm.weight)
-    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last)  # as oneDNN's bf16 convs give
-    expected = torch.nn.functional.group_norm(x.contiguous(), 4, norm.weight, norm.bias)
-    handles = contiguous_group_norms(torch.nn.Sequential(torch.nn.Identity(), norm))
-    assert len(handles) == 1
-    seen = []  # what the norm itself receives: this hook runs after the copy
-    norm.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
-    torch.testing.assert_close(norm(x), expected)
-    for handle in handles:
-        handle.remove()
-    norm(x)
-    assert seen == [True, False]  # the copy ran before the norm, and is gone with its hook
 
 
 def test_the_same_seed_gives_the_same_bytes(runs):
@@ -433,3 +349,44 @@ def test_only_temporal_layers_started_per_frame_may_be_skipped():
     config = PretrainConfig(per_frame_start=False)
     assert any("--vae_skip_temporal needs --per_frame_start True" in p for p in config.problems())
     assert replace(config, vae_skip_temporal=0.0).problems() == []
+
+
+TINY_RUN = [
+    "--width", "32", "--height", "32", "--vae_steps", "1", "--vae_batch_size", "1", "--vae_crop", "16",
+    "--unet_steps", "3", "--num_frames", "2", "--heldout_clips", "1", "--heldout_sigmas", "1",
+    "--warmup", "1",
+]  # fmt: skip
+
+
+def test_a_non_finite_training_loss_stops_the_run_naming_stage_and_step_and_writes_nothing(
+    tmp_path, monkeypatch, capsys
+):
+    calls = []
+
+    def nan_at_the_second_step(models, pixels, generator, sigma=None):
+        per_sample = svd_loss(models, pixels, generator, sigma)
+        if sigma is None:  # a training step
+            calls.append(len(calls) + 1)
+            return per_sample * (float("nan") if len(calls) == 2 else 1.0)
+        return per_sample
+
+    svd_loss = cnx.pretrain_unet.svd_loss
+    monkeypatch.setattr(cnx.pretrain_unet, "svd_loss", nan_at_the_second_step)
+    assert cnx.pretrain.main([str(tmp_path / "out"), *TINY_RUN]) == 1
+    assert calls == [1, 2]  # no step after it
+    err = capsys.readouterr().err
+    assert "stage 2 (UNet): non-finite loss at step 2" in err and "without writing a model" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_non_finite_weights_is_never_written(tmp_path, monkeypatch):
+    def poisoned(unet, *args):
+        with torch.no_grad():
+            unet.conv_out.weight[0, 0, 0, 0] = float("nan")
+        return {"heldout_loss_start": 1.0, "heldout_loss_end": 1.0}
+
+    monkeypatch.setattr(cnx.pretrain, "train_unet", poisoned)
+    _, config = parse_args([str(tmp_path / "out"), *TINY_RUN])
+    with pytest.raises(FloatingPointError, match="UNet has 1 non-finite weights, conv_out.weight"):
+        pretrain(tmp_path / "out", config, progress=False)
+    assert not (tmp_path / "out").exists()

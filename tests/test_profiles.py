@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from cnx.profiles import PROFILES, TINY_SVD, cpu_has_bfloat16, ensure_model, get_profile
+from cnx.profiles import PROFILES, TINY_SVD, cpu_flags, cpu_has_bfloat16, ensure_model, get_profile
 
 
 def test_tiny_is_the_default_and_the_environment_overrides(monkeypatch):
@@ -52,3 +52,23 @@ def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
     cpuinfo.write_text("processor : 0\nflags : fpu avx2 avx512f avx512bf16x\n")
     assert not cpu_has_bfloat16(cpuinfo)
     assert not cpu_has_bfloat16(tmp_path / "absent")  # not Linux
+
+
+@pytest.mark.parametrize(
+    ("flags", "native", "as_conv2d"),
+    [
+        ("avx2 avx512f avx512_bf16 amx_bf16 amx_tile", True, False),  # Intel Sapphire Rapids and later
+        ("avx2 avx512f avx512_bf16", True, True),  # AMD EPYC (Zen 4): bf16, with the Conv2d workaround
+        ("avx2 avx512f", False, True),  # emulated bf16: slower, so off by default
+    ],
+)
+def test_bfloat16_is_on_by_default_where_native_and_safe_without_amx_through_the_conv2d_workaround(
+    tmp_path, flags, native, as_conv2d
+):
+    from cnx.cpu_kernels import conv3d_weight_grads_need_conv2d
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor : 0\nflags : fpu {flags}\n")
+    assert cpu_flags(cpuinfo) >= {"fpu", "avx2"}
+    assert cpu_has_bfloat16(cpuinfo) is native
+    assert conv3d_weight_grads_need_conv2d(cpu_flags(cpuinfo), environ={}) is as_conv2d
