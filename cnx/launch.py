@@ -16,7 +16,10 @@ setting on 8 GPUs) plus overrides into a numbered folder
 Paths inside the folder are relative to it and launch.sh starts with `cd` into
 its own folder, so the folder can be moved or copied to a cluster. `run(folder)`
 starts launch.sh and streams its output with a progress bar read from
-`output/logs/steps.jsonl`. The trainer never imports this module.
+`output/logs/steps.jsonl`; `cnx launch` ends by drawing that log as
+`output/logs/loss.png` and printing where the results are (the validation grid
+among them). The trainer never imports this module, nor this module the
+trainer: where things are in `output/` is `cnx.runs`'s to say.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+
+from cnx import runs
 
 OUTPUT = "output"  # the training output_dir, inside the run folder
 DEFAULT_PORT = 29500
@@ -236,9 +241,7 @@ def write_run_folder(
     )
     (folder / "launch.sh").chmod(0o755)
     (folder / "slurm.sbatch").write_text(
-        SLURM.format(
-            name=folder.name, machines=num_machines, gpus=max(num_gpus, 1), folder=shlex.quote(str(folder))
-        )
+        SLURM.format(name=folder.name, machines=num_machines, gpus=max(num_gpus, 1))
     )
     (folder / "doctor.txt").write_text(report() + "\n")
     (folder / "README.md").write_text(
@@ -250,9 +253,29 @@ def write_run_folder(
     return folder
 
 
-def _total_steps(folder: Path) -> int | None:
-    options = json.loads((folder / "training_options.json").read_text())
-    return options.get("max_train_steps")
+def total_steps(folder: Path) -> int | None:
+    """The run's optimizer steps, counted as `cnx train` counts them; None when its data cannot be read.
+
+    `--max_train_steps` when set; else `--num_train_epochs` times the steps of an epoch: the whole
+    batches each of the folder's processes reads after sharding (pitfall 7), over gradient accumulation.
+    """
+    import yaml
+
+    from cnx.meta import MetaInfoError, parse_meta_info
+
+    folder = Path(folder)
+    options = json.loads((folder / runs.OPTIONS_FILE).read_text())
+    if options.get("max_train_steps"):
+        return options["max_train_steps"]
+    world = yaml.safe_load((folder / "accelerate.yaml").read_text())["num_processes"]
+    try:  # a relative path is relative to the folder, where launch.sh runs
+        samples = len(parse_meta_info(folder / options["meta_info_path"])[0])
+    except (OSError, MetaInfoError):  # the data is elsewhere (a cluster's): no total, the bar still counts
+        return None
+    per_epoch = samples // (world * options["per_gpu_batch_size"])
+    if per_epoch == 0:  # the trainer stops with its own message
+        return None
+    return options["num_train_epochs"] * max(1, per_epoch // options["gradient_accumulation_steps"])
 
 
 def run(folder: str | Path, echo=print) -> int:
@@ -264,7 +287,7 @@ def run(folder: str | Path, echo=print) -> int:
     from tqdm.auto import tqdm
 
     folder = Path(folder)
-    steps_log = folder / OUTPUT / "logs" / "steps.jsonl"
+    steps_log = folder / OUTPUT / runs.STEPS_LOG
     env = {**os.environ, "CNX_PROGRESS": "off"}  # the trainer's own bar would garble the stream
     child = subprocess.Popen(
         ["bash", "launch.sh"],
@@ -279,7 +302,7 @@ def run(folder: str | Path, echo=print) -> int:
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in child.stdout], daemon=True)
     reader.start()
-    bar = tqdm(total=_total_steps(folder), desc=folder.name, unit="step")
+    bar = tqdm(total=total_steps(folder), desc=folder.name, unit="step")
     try:
         while child.poll() is None or reader.is_alive() or not lines.empty():
             try:
@@ -295,16 +318,12 @@ def run(folder: str | Path, echo=print) -> int:
 
 
 def _update(bar, steps_log: Path) -> None:
-    if steps_log.exists():
-        lines = steps_log.read_text().splitlines()
-        try:
-            last = json.loads(lines[-1]) if lines else None
-        except json.JSONDecodeError:  # a line being written
-            return
-        if last is not None and last["step"] != bar.n:  # redraw only on a new step
-            bar.n = last["step"]
-            bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
-            bar.refresh()
+    records = runs.read_log(steps_log)  # a line being written is skipped
+    last = records[-1] if records else None
+    if last is not None and last["step"] != bar.n:  # redraw only on a new step
+        bar.n = last["step"]
+        bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+        bar.refresh()
 
 
 def _stop(child: subprocess.Popen) -> int:
@@ -363,22 +382,46 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     code = run(folder)
     if code == 0:
+        write_loss_curve(folder)
         print(outputs_summary(folder))
     return code
 
 
+LOSS_CURVE = Path("logs") / "loss.png"  # in the output folder, beside steps.jsonl
+
+
+def write_loss_curve(folder: Path) -> Path | None:
+    """Draw the run's `steps.jsonl` (`cnx.viz.loss_curve`) into output/logs/loss.png; None without steps."""
+    records = [r for r in runs.read_log(Path(folder) / OUTPUT / runs.STEPS_LOG) if "loss" in r]
+    if not records:
+        return None
+    import matplotlib.pyplot as plt
+
+    from cnx import viz
+
+    path = Path(folder) / OUTPUT / LOSS_CURVE
+    fig = viz.loss_curve(records)
+    try:
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)  # drawn for the file only: a notebook shows nothing twice
+    return path
+
+
 def outputs_summary(folder: Path) -> str:
-    """Where a finished run's results are: checkpoint, validation video and metrics, logs, weights."""
+    """Where a finished run's results are: the last validation's grid and video, curves, weights."""
     output = Path(folder) / OUTPUT
-    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
-    videos = sorted(output.glob("validation/step-*/video-*/video.mp4"))
+    validations = sorted(output.glob("validation/step-*"))  # step-000600: the names sort by step
+    first = validations[-1] / "video-0" if validations else None  # the last validation's first video
     found = {
-        "checkpoint": checkpoints[-1] if checkpoints else None,
-        "validation video": videos[-1] if videos else None,
-        "validation metrics": videos[-1].parent / "metrics.json" if videos else None,
-        "step log": output / "logs" / "steps.jsonl",
+        "validation grid": first / "grid.png" if first else None,  # truth, pose and generated frames
+        "validation video": first / "video.mp4" if first else None,
+        "validation metrics": first / "metrics.json" if first else None,
+        "loss curve": output / LOSS_CURVE,
+        "step log": output / runs.STEPS_LOG,
         "TensorBoard": output / "logs" / "cnx",
-        "final weights": output / "final",
+        "checkpoint": runs.latest_checkpoint(output),
+        "final weights": output / runs.FINAL,
     }
     return "\n".join(
         f"{name:>18}: {path}" for name, path in found.items() if path is not None and path.exists()

@@ -628,3 +628,31 @@ def relative_change_curve(scales, changes, default=None, ax=None):
     ax.set_xlabel("control_scale")
     ax.set_ylabel("||out(s) - out(0)|| / ||out(0)||")
     return ax.figure
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's logs (cnx launch, notebook 04)
+
+
+def loss_curve(records, window: int | None = None):
+    """The training loss per step of `steps.jsonl` records, its running mean, and the learning rate.
+
+    One step's loss depends strongly on its random sigma: the running mean over `window` steps
+    (default: a twentieth of the run, at least 5) is the line to read.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    steps = np.asarray([r["step"] for r in records])
+    losses = np.asarray([r["loss"] for r in records], dtype=np.float64)
+    window = max(1, min(window or max(5, len(records) // 20), len(records)))
+    running = np.convolve(losses, np.ones(window) / window, mode="valid")  # ends at each step from window on
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4), gridspec_kw={"width_ratios": [3, 1]})
+    ax1.plot(steps, losses, ".", ms=3, alpha=0.35, label="loss per step")
+    ax1.plot(steps[window - 1 :], running, color=CONTROL_COLOR, label=f"running mean of {window}")
+    ax1.set(xlabel="step", ylabel="loss", title="training loss")
+    ax1.legend()
+    ax2.plot(steps, [r["lr"] for r in records])
+    ax2.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    fig.tight_layout()
+    return fig

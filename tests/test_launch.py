@@ -89,3 +89,60 @@ def test_stopping_a_run_ends_its_whole_process_group():
     )
     code = launch._stop(child)
     assert code != 0 and child.poll() is not None
+
+
+@pytest.mark.parametrize(
+    "num_gpus, num_machines, flags, total",
+    [  # data_samples: 8 clips
+        (1, 1, ["--num_train_epochs=5"], 5 * 8),
+        (2, 1, ["--gradient_accumulation_steps=2", "--num_train_epochs=3"], 3 * 2),  # 4 batches per rank
+        (1, 1, ["--per_gpu_batch_size=3", "--gradient_accumulation_steps=2", "--num_train_epochs=7"], 7 * 1),
+        (2, 2, ["--gradient_accumulation_steps=4", "--num_train_epochs=5"], 5 * 1),  # 2 batches: still a step
+    ],
+)
+def test_the_progress_bar_of_a_run_bounded_by_epochs_counts_the_steps_the_trainer_takes(
+    tmp_path, num_gpus, num_machines, flags, total
+):
+    from cnx import train
+    from cnx.meta import read_meta_info
+
+    folder = launch.write_run_folder("full", flags, num_gpus, num_machines, zero_stage=0, runs_dir=tmp_path)
+    options = TrainingOptions.from_json(folder / "training_options.json")
+    assert options.max_train_steps is None
+    assert launch.total_steps(folder) == total
+    # What the trainer counts for the same options:
+    samples = len(read_meta_info(options.meta_info_path))
+    per_epoch = train.batches_per_epoch(samples, num_gpus * num_machines, options.per_gpu_batch_size)
+    assert total == options.num_train_epochs * max(1, per_epoch // options.gradient_accumulation_steps)
+    # Bounded by steps, the bar's total is that; data that is not here (a cluster's) gives no total.
+    bounded = launch.write_run_folder("full", ["--max_train_steps=70"], runs_dir=tmp_path)
+    assert launch.total_steps(bounded) == 70
+    elsewhere = launch.write_run_folder("full", ["--meta_info_path=/cluster/meta.json"], runs_dir=tmp_path)
+    assert launch.total_steps(elsewhere) is None
+
+
+def test_a_finished_run_names_its_grid_loss_curve_and_latest_checkpoint(tmp_path):
+    from PIL import Image
+
+    from cnx import runs
+
+    folder = tmp_path / "00000-tiny-1x1-full"
+    output = folder / "output"
+    assert launch.write_loss_curve(folder) is None  # no steps yet: nothing to draw
+    (output / "logs").mkdir(parents=True)
+    records = [{"step": s, "loss": 0.3 - 0.0002 * s, "lr": 3e-4} for s in range(1, 601)]
+    (output / runs.STEPS_LOG).write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 601, "lo')
+    for step in (600, 100):  # the older step written last: the latest is the highest step, not the newest
+        runs.checkpoint_dir(output, step).mkdir()
+        runs.write_state(runs.checkpoint_dir(output, step), {"step": step})
+    for step in (300, 600):
+        (output / "validation" / f"step-{step:06d}" / "video-0").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(output / "validation" / f"step-{step:06d}" / "video-0" / "grid.png")
+    curve = launch.write_loss_curve(folder)
+    assert curve == output / "logs" / "loss.png"
+    with Image.open(curve) as image:
+        assert image.format == "PNG" and image.width >= 800
+    lines = dict(line.strip().split(": ", 1) for line in launch.outputs_summary(folder).splitlines())
+    assert lines["validation grid"] == str(output / "validation" / "step-000600" / "video-0" / "grid.png")
+    assert lines["loss curve"] == str(curve)
+    assert lines["checkpoint"] == str(output / "checkpoint-600")
