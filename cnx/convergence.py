@@ -246,7 +246,7 @@ def through_vae(vae, frames, chunk_size: int | None = None):
     turns them into pixels.
     """
     from cnx.media import to_uint8
-    from cnx.pretrain import reconstruct
+    from cnx.pretrain_vae import reconstruct
 
     clip = torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float() / 127.5 - 1  # (1, F, 3, H, W)
     chunks = clip.split(chunk_size or clip.shape[1], dim=1)

@@ -80,7 +80,13 @@ def add_fields(parser: argparse.ArgumentParser, cls, defaults: dict | None = Non
         choices = f.metadata.get("choices")
         if base is bool:
             parser.add_argument(
-                f"--{f.name}", nargs="?", const=True, default=default, type=parse_bool, help=help_
+                f"--{f.name}",
+                nargs="?",
+                const=True,
+                default=default,
+                type=parse_bool,
+                metavar="true|false",
+                help=help_,
             )
             parser.add_argument(f"--no_{f.name}", dest=f.name, action=_NoFlag, help=argparse.SUPPRESS)
         else:

@@ -225,7 +225,7 @@ def tiny_components():
     The widths are those of the pretrained tiny SVD the tiny profile trains from (`cnx.pretrain`).
     """
     from cnx.controlnext import ControlNeXt, controlnext_config_for
-    from cnx.pretrain import PretrainConfig
+    from cnx.pretrain_recipe import PretrainConfig
     from cnx.tiny import build_tiny_components
 
     tiny = PROFILES["tiny"]

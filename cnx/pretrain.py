@@ -23,7 +23,6 @@ pretrain_report.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -32,12 +31,11 @@ from pathlib import Path
 
 import torch
 
-from cnx import edm
+from cnx import edm, flags
 from cnx.pretrain_card import command_line, readme
 from cnx.pretrain_recipe import PretrainConfig, cast_weights, heldout_sets
 from cnx.pretrain_unet import train_unet
 from cnx.pretrain_vae import latent_scaling_factor, train_vae
-from cnx.pretrain_vae import reconstruct as reconstruct  # noqa: F401 (cnx.convergence's import, until it moves)
 from cnx.tiny import save_svd_folder
 
 
@@ -95,22 +93,23 @@ def pretrain(out_dir: str | Path, config: PretrainConfig | None = None, progress
     return report
 
 
-def _true_or_false(text: str) -> bool:
-    if text not in ("True", "False"):
-        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-    return text == "True"
+def build_parser():
+    """OUT_DIR and one flag per PretrainConfig field (`cnx.flags`: `--bf16` / `--no_bf16`)."""
+    parser = flags.build_parser(PretrainConfig, "cnx pretrain-tiny", __doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="folder to write the pipeline into")
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Path, PretrainConfig]:
-    parser = argparse.ArgumentParser(prog="cnx pretrain-tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", type=Path, help="folder to write the pipeline into")
-    for name, value in asdict(PretrainConfig()).items():
-        kind = _true_or_false if isinstance(value, bool) else type(value)
-        parser.add_argument(f"--{name}", type=kind, default=value)
-    args = vars(parser.parse_args(argv))
-    out_dir, config = args.pop("out_dir"), PretrainConfig(**args)
-    if problems := config.problems():
-        parser.error("\n".join(problems))
+    """(OUT_DIR, settings); a bad flag or setting: one line `cnx pretrain-tiny: ...`, exit status 2."""
+    try:
+        args = vars(build_parser().parse_args(argv))
+        out_dir, config = args.pop("out_dir"), PretrainConfig(**args)
+        if problems := config.problems():
+            raise ValueError("; ".join(problems))
+    except ValueError as err:
+        print(f"cnx pretrain-tiny: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     return out_dir, config
 
 
@@ -122,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     if config.bf16 and not cpu_has_bfloat16():
         print(
-            "note: this CPU has no native bfloat16 (avx512_bf16 / amx_bf16), so --bf16 True is emulated "
-            "and slower than float32 here; --bf16 False trains in float32 (results differ slightly)"
+            "note: this CPU has no native bfloat16 (avx512_bf16 / amx_bf16), so --bf16 is emulated "
+            "and slower than float32 here; --no_bf16 trains in float32 (results differ slightly)"
         )
     started = time.perf_counter()
     try:

@@ -7,17 +7,17 @@ reproduces it (the same seed gives the same figures; on the same CPU, the same b
 from __future__ import annotations
 
 import shlex
-from dataclasses import asdict
 from pathlib import Path
 
+from cnx.flags import as_argv
 from cnx.pretrain_recipe import PretrainConfig
 from cnx.pretrain_vae import steps_skipping_temporal
 
 
 def command_line(out_dir: Path, config: PretrainConfig) -> str:
     """The `cnx pretrain-tiny` command that writes this folder again: every setting spelled out."""
-    flags = " ".join(f"--{k} {v}" for k, v in asdict(config).items())
-    return f"cnx pretrain-tiny {shlex.quote(str(out_dir))} {flags}"
+    every = " ".join(as_argv(config, changed_only=False))
+    return f"cnx pretrain-tiny {shlex.quote(str(out_dir))} {every}"
 
 
 README = """# Pretrained tiny SVD (synthetic dancers)

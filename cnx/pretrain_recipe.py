@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from cnx import edm
+from cnx.flags import flag
 from cnx.seeding import derive_seed
 
 HELDOUT_STREAM = "pretrain-heldout"  # held-out dancers: a stream no training step draws from
@@ -27,32 +28,42 @@ class PretrainConfig:
     took is in the pretrain_report.json it writes, not here.
     """
 
-    seed: int = 0  # weights, data and noise are a function of the seed alone
-    width: int = 128  # frame width in pixels (the tiny profile's)
-    height: int = 192  # frame height in pixels
-    unet_width: int = 64  # first UNet block width (SVD: 320); at 32 its norms lose the colour (`cnx.tiny`)
-    unet_inner_width: int = 64  # second UNet block width (SVD: 640)
-    vae_width: int = 64  # VAE block width; at 32 the decoder's last GroupNorm (32 groups) loses hue
-    vae_steps: int = 4000  # VAE optimizer steps
-    vae_batch_size: int = 4  # clips per VAE step; while the temporal layers are skipped, a dancer per frame
-    vae_frames: int = 2  # frames per VAE clip: the temporal decoder decodes them together
-    vae_crop: int = 64  # square crop of every VAE clip, a multiple of 8 (0: whole frames)
-    vae_lr: float = 1e-3  # AdamW, cosine decay to 0 after a short warm-up
-    kl_weight: float = 1e-6  # weight of the summed KL per frame (Stable Diffusion's VAE: 1e-6)
-    colour_anchor: float = 1.0  # weight of the latents' colour anchor (`vae_loss`); 0: none
-    anchor_decay: bool = True  # the anchor's weight follows the learning rate's cosine to 0
-    per_frame_start: bool = True  # the decoder's temporal layers start as identity (`start_per_frame`)
-    vae_skip_temporal: float = 0.8  # share of VAE steps, the first ones, that skip the temporal layers
-    bf16: bool = True  # training steps under bfloat16 autocast (`training_precision`); held-out in float32
-    float16: bool = True  # store the VAE and the UNet in float16 (half the bytes; they load as float32)
-    unet_steps: int = 600  # UNet optimizer steps (800 at 3e-4 learned as much, in a third more time: README)
-    batch_size: int = 1  # clips per UNet step
-    num_frames: int = 8  # frames per UNet clip, and the pipeline's default frame count
-    interval: int = 3  # frames between clip frames (the tiny profile's interval_frame)
-    unet_lr: float = 6e-4  # AdamW, cosine decay to 0 after a short warm-up; 3e-4 fell short at 600 steps
-    heldout_clips: int = 8  # held-out dancers for the VAE's PSNR and the UNet's loss
-    heldout_sigmas: int = 4  # noise levels per held-out clip (quantiles of the log-normal)
-    warmup: int = 50  # learning-rate warm-up steps of both stages
+    seed: int = flag(0, "weights, data and noise are a function of the seed alone")
+    width: int = flag(128, "frame width in pixels (the tiny profile's)")
+    height: int = flag(192, "frame height in pixels")
+    unet_width: int = flag(
+        64, "first UNet block width (SVD: 320); at 32 its norms lose the colour (`cnx.tiny`)"
+    )
+    unet_inner_width: int = flag(64, "second UNet block width (SVD: 640)")
+    vae_width: int = flag(64, "VAE block width; at 32 the decoder's last GroupNorm (32 groups) loses hue")
+    vae_steps: int = flag(4000, "VAE optimizer steps")
+    vae_batch_size: int = flag(
+        4, "clips per VAE step; while the temporal layers are skipped, a dancer per frame"
+    )
+    vae_frames: int = flag(2, "frames per VAE clip: the temporal decoder decodes them together")
+    vae_crop: int = flag(64, "square crop of every VAE clip, a multiple of 8 (0: whole frames)")
+    vae_lr: float = flag(1e-3, "AdamW, cosine decay to 0 after a short warm-up")
+    kl_weight: float = flag(1e-6, "weight of the summed KL per frame (Stable Diffusion's VAE: 1e-6)")
+    colour_anchor: float = flag(1.0, "weight of the latents' colour anchor (`vae_loss`); 0: none")
+    anchor_decay: bool = flag(True, "the anchor's weight follows the learning rate's cosine to 0")
+    per_frame_start: bool = flag(True, "the decoder's temporal layers start as identity (`start_per_frame`)")
+    vae_skip_temporal: float = flag(0.8, "share of VAE steps, the first ones, that skip the temporal layers")
+    bf16: bool = flag(
+        True, "training steps under bfloat16 autocast (`training_precision`); held-out in float32"
+    )
+    float16: bool = flag(True, "store the VAE and the UNet in float16 (half the bytes; they load as float32)")
+    unet_steps: int = flag(
+        600, "UNet optimizer steps (800 at 3e-4 learned as much in a third more time: docs/tiny_svd.md)"
+    )
+    batch_size: int = flag(1, "clips per UNet step")
+    num_frames: int = flag(8, "frames per UNet clip, and the pipeline's default frame count")
+    interval: int = flag(3, "frames between clip frames (the tiny profile's interval_frame)")
+    unet_lr: float = flag(
+        6e-4, "AdamW, cosine decay to 0 after a short warm-up; 3e-4 fell short at 600 steps"
+    )
+    heldout_clips: int = flag(8, "held-out dancers for the VAE's PSNR and the UNet's loss")
+    heldout_sigmas: int = flag(4, "noise levels per held-out clip (quantiles of the log-normal)")
+    warmup: int = flag(50, "learning-rate warm-up steps of both stages")
 
     def problems(self) -> list[str]:
         """What is wrong with these settings, one line each (empty: fine), found before any training."""
