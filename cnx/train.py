@@ -16,6 +16,7 @@ Pitfall numbers refer to docs/pitfalls.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -236,6 +237,16 @@ def optimizer_step(accelerator, models, data, options, optimizer, trainable, ste
     return epoch, position, loss, torch.cat(sigmas), grad_norm
 
 
+def cpu_kernel_workarounds(unet, device, weight_dtype: torch.dtype):
+    """What oneDNN's CPU kernels need under bf16 here (`cnx.cpu_kernels`): without AMX, the UNet's
+    temporal Conv3d compute as the same Conv2d (their bf16 weight gradients were NaN or changed
+    from run to run); otherwise nothing."""
+    from cnx.cpu_kernels import conv3d_weight_grads_need_conv2d, temporal_convs_as_conv2d
+
+    on_cpu_bf16 = torch.device(device).type == "cpu" and weight_dtype == torch.bfloat16
+    return temporal_convs_as_conv2d(unet, enabled=on_cpu_bf16 and conv3d_weight_grads_need_conv2d())
+
+
 def log_trainable_parameters(model, trainable: str, output_dir: Path) -> Path:
     """Write the trained parameters' names and shapes to logs/trainable_parameters.txt; print the count."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -306,6 +317,8 @@ def train(options) -> Path:
 
     # Models, what trains, optimizer and schedule.
     models, scheduler = build_models(options, accelerator.device, weight_dtype)
+    kernels = contextlib.ExitStack()  # CPU kernel workarounds, undone when the loop ends
+    kernels.enter_context(cpu_kernel_workarounds(models.model.unet, accelerator.device, weight_dtype))
     trainable = select_trainable(models.model, options.trainable, options.rank)
     if options.log_trainable_parameters and main:
         log_trainable_parameters(models.model, options.trainable, output_dir)
@@ -318,10 +331,9 @@ def train(options) -> Path:
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = learning_rate
     lr_scheduler = build_lr_scheduler(optimizer, options, total_steps)
+    # The EMA of every trainable weight, in float32: made before DeepSpeed casts to bf16 (pitfall 6).
     ema = None
-    if (
-        options.use_ema
-    ):  # of every trainable weight, in float32: made before DeepSpeed casts to bf16 (pitfall 6)
+    if options.use_ema:
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel([p for p in trainable], use_ema_warmup=True)
@@ -405,6 +417,7 @@ def train(options) -> Path:
     finally:  # the bar and the log close before any error is printed
         bar.close()
         log.close()
+        kernels.close()
 
     # Export the final weights (and their EMA) as diffusers folders; upload them when asked.
     if main:
@@ -507,14 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     from cnx.weights import WeightLoadError
 
     options = parse_options(argv)
+    bad_input = (DataCheckError, InputError, WeightLoadError, runs.RunLayoutError)  # found before training
     try:
         train(options)
-    except (
-        DataCheckError,
-        InputError,
-        WeightLoadError,
-        runs.RunLayoutError,
-    ) as err:  # bad input, found before training
+    except bad_input as err:
         print(f"cnx train: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:

@@ -209,9 +209,9 @@ def test_pitfall_3_checkpoint_lookup_ignores_other_names_and_takes_any_path(tmp_
 # Real runs: `python -m cnx.train` in a subprocess
 
 
-def run(tiny_svd_dir, output_dir, *extra, wait=True):
+def run(tiny_svd_dir, output_dir, *extra, wait=True, env=None):
     argv = [sys.executable, "-m", "cnx.train", *options_for(tiny_svd_dir, output_dir, *extra)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     if not wait:
         return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
@@ -302,9 +302,8 @@ def test_the_original_readme_command_trains_validates_checkpoints_and_exports(ti
     assert list((tmp_path / "logs" / "cnx").glob("events.out.tfevents.*"))  # TensorBoard
     from safetensors.torch import load_file
 
-    weights = load_file(
-        tmp_path / "checkpoint-2" / "model.safetensors"
-    )  # pitfall 11: trained weights stay fp32
+    # Pitfall 11: trained weights stay fp32.
+    weights = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float32}
     options = json.loads((tmp_path / "checkpoint-2" / "training_options.json").read_text())
     assert options["mixed_precision"] == "bf16" and options["num_train_epochs"] == 6000
@@ -329,9 +328,8 @@ def test_what_this_machine_cannot_do_is_refused_before_any_model_loads(tmp_path,
             pytest.skip("bitsandbytes loads here")
         except Exception:
             pass
-    result = run(
-        "/nonexistent/svd", tmp_path, *flags
-    )  # the model path would fail later: the check comes first
+    # The model path would fail later: the check comes first.
+    result = run("/nonexistent/svd", tmp_path, *flags)
     assert result.returncode != 0 and message in result.stderr.strip().splitlines()[-1]
 
 
@@ -462,3 +460,22 @@ def test_the_ema_is_updated_after_the_optimizer_step(tiny_svd_dir, tmp_path):
         trained = final(name)
         assert farthest(final(f"{name}_ema"), trained) < 1e-9, f"{name}: the EMA is not the trained weights"
         assert farthest(trained, initial[name]) > 1e-7, f"{name} did not train: the check could not fail"
+
+
+def test_bf16_training_steps_without_amx_are_finite_and_repeat(tiny_svd_dir, tmp_path):
+    """oneDNN's bf16 Conv3d weight gradient without AMX gave NaN or run-to-run garbage in the UNet's
+    temporal resnets at small latents (`cnx.cpu_kernels`); the trainer computes them as Conv2d there.
+
+    `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16` holds an AMX CPU to the kernels of one without AMX.
+    """
+    from safetensors.torch import load_file
+
+    small = ["--width=64", "--height=64", "--sample_n_frames=2", "--mixed_precision=bf16", "--report_to=none"]
+    isa = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "OMP_NUM_THREADS": "2"}
+    runs_ = [tmp_path / "a", tmp_path / "b"]
+    for output_dir in runs_:
+        result = run(tiny_svd_dir, output_dir, *small, "--max_train_steps=2", env=isa)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert losses(runs_[0]) == losses(runs_[1]) and len(losses(runs_[0])) == 2
+    a, b = (load_file(r / "final" / "unet" / "diffusion_pytorch_model.safetensors") for r in runs_)
+    assert all(torch.isfinite(a[k]).all() and torch.equal(a[k], b[k]) for k in a)
