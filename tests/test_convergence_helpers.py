@@ -73,7 +73,7 @@ def test_through_vae_is_the_vaes_round_trip():
     # Measured: 26.8 dB through the pretrained VAE, whole or in chunks of 2; 13.3 through the stand-in's.
     untrained = convergence.through_vae(build_tiny_components(0)[1].eval(), frames)
     assert psnr(decoded, frames).mean() > psnr(untrained, frames).mean() + 5
-    # Its temporal decoder started per frame (`cnx.pretrain.start_per_frame`) and trained on clips of
+    # Its temporal decoder started per frame (`cnx.pretrain_vae.start_per_frame`) and trained on clips of
     # `vae_frames` frames (2): it decodes a longer clip whole about as well as in chunks of that length
     # (0.02 dB apart; an earlier model's 0.5 dB below). From random weights, whole clips came out
     # 1.8-6.6 dB below.
