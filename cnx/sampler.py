@@ -54,7 +54,7 @@ def find_trained_weights(path: str | Path, ema: bool = False) -> TrainedWeights:
         return TrainedWeights(path / f"controlnext{suffix}", unet if unet.is_dir() else None, ema=ema)
     checkpoint = path if is_checkpoint(path) else latest_checkpoint(path)
     if checkpoint is not None:
-        _check_checkpoint(checkpoint, ema)
+        _checked_checkpoint(checkpoint, ema)
         return TrainedWeights(None, checkpoint=checkpoint, ema=ema)
     if final_dir(path) is not None:
         return find_trained_weights(final_dir(path), ema)
@@ -64,8 +64,8 @@ def find_trained_weights(path: str | Path, ema: bool = False) -> TrainedWeights:
     )
 
 
-def _check_checkpoint(path: Path, ema: bool) -> None:
-    """What can be known of a checkpoint without reading its weights; InputError naming it."""
+def _checked_checkpoint(path: Path, ema: bool):
+    """The `cnx.checkpoints.Checkpoint` at `path`, checked without reading weights; InputError naming it."""
     from cnx.checkpoints import CheckpointError, inspect_checkpoint
 
     try:
@@ -74,6 +74,7 @@ def _check_checkpoint(path: Path, ema: bool) -> None:
         raise InputError(str(err)) from None
     if ema and not checkpoint.options.use_ema:
         raise InputError(f"{path}: the run did not use --use_ema, so there are no EMA weights (drop --ema)")
+    return checkpoint
 
 
 def load_pipeline(
@@ -118,11 +119,10 @@ def _load_checkpoint_into(pipe, path: Path, ema: bool) -> None:
     The model is rebuilt with the pipeline's own UNet config, so the strict load also
     checks that the checkpoint was trained on this SVD's architecture.
     """
-    from cnx.checkpoints import inspect_checkpoint, load_checkpoint
+    from cnx.checkpoints import load_checkpoint
     from cnx.trainable import merged_unet
 
-    _check_checkpoint(path, ema)
-    checkpoint = inspect_checkpoint(path)
+    checkpoint = _checked_checkpoint(path, ema)
     model, trainable, ema_model = load_checkpoint(checkpoint, dict(pipe.unet.config))
     if ema:
         ema_model.copy_to(trainable)
