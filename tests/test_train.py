@@ -439,7 +439,8 @@ def test_the_ema_is_updated_after_the_optimizer_step(tiny_svd_dir, tmp_path):
     from safetensors.torch import load_file
 
     steps = ["--max_train_steps=1", "--lr_warmup_steps=0", "--learning_rate=1e-4"]  # warm-up's first lr is 0
-    result = run(tiny_svd_dir, tmp_path, "--use_ema", *steps, "--report_to=none")
+    steps += ["--report_to=none", "--log_trainable_parameters"]
+    result = run(tiny_svd_dir, tmp_path, "--use_ema", *steps)
     assert result.returncode == 0, result.stderr[-2000:]
 
     def final(name):
@@ -455,6 +456,12 @@ def test_the_ema_is_updated_after_the_optimizer_step(tiny_svd_dir, tmp_path):
     def farthest(a, b):
         assert a.keys() == b.keys()
         return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+    # --log_trainable_parameters: the name and shape of every trained tensor, in the run's logs.
+    logged = (tmp_path / "logs" / "trainable_parameters.txt").read_text().splitlines()
+    names = [name for name, p in initial_model.named_parameters() if p.requires_grad]  # full: all of them
+    assert [line.split("\t")[0] for line in logged] == names
+    assert "trainable parameters (full)" in result.stdout
 
     for name in ("controlnext", "unet"):
         trained = final(name)
