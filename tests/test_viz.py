@@ -226,3 +226,21 @@ def test_slider_view_draws_the_static_fallback():
     static = viz.slider_view(draw, static=lambda: plt.figure(), t=widgets.IntSlider(value=1))
     assert calls[-1] == 1 and static is not fig
     plt.close("all")
+
+
+def test_overlay_pose_blends_only_the_skeleton():
+    import pytest
+
+    from cnx.overlay import overlay_pose
+
+    frames = np.full((2, 4, 5, 3), 100, dtype=np.uint8)
+    poses = np.zeros_like(frames)
+    poses[1, 2, 3] = (255, 0, 0)  # one skeleton pixel in frame 1
+    out = overlay_pose(frames, poses, alpha=0.5)
+    assert out.dtype == np.uint8 and out.shape == frames.shape
+    np.testing.assert_array_equal(out[1, 2, 3], (178, 50, 50))  # half frame, half pose (177.5 rounds to even)
+    untouched = np.ones(frames.shape[:3], bool)
+    untouched[1, 2, 3] = False
+    np.testing.assert_array_equal(out[untouched], frames[untouched])
+    with pytest.raises(ValueError, match="differ in shape"):
+        overlay_pose(frames, poses[:1])
