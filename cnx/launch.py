@@ -154,11 +154,12 @@ def deepspeed_config(options, zero_stage: int, offload_optimizer: bool) -> dict:
 
 LAUNCH_SH = """#!/usr/bin/env bash
 # {title}
-# Runs from any place: paths are relative to this folder. On a cluster node set MACHINE_RANK and
-# MAIN_PROCESS_IP (slurm.sbatch does); PYTHON picks another interpreter with cnx installed.
-set -euo pipefail
+# Runs from any place: it cds into this folder, and output/ (and a copied model) are relative to it.
+# PYTHON: an interpreter with cnx installed (default: `python` on PATH; `cnx.launch.run` passes its own).
+# On a cluster node set MACHINE_RANK and MAIN_PROCESS_IP (slurm.sbatch does).
+{needs}set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON="${{PYTHON:-{python}}}"
+PYTHON="${{PYTHON:-python}}"
 {env}exec "$PYTHON" -m accelerate.commands.launch --config_file accelerate.yaml \\
   --machine_rank "${{MACHINE_RANK:-0}}" --main_process_ip "${{MAIN_PROCESS_IP:-{ip}}}" \\
   --main_process_port "${{MAIN_PROCESS_PORT:-{port}}}" \\
@@ -178,6 +179,79 @@ set -euo pipefail
 export MAIN_PROCESS_IP="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 srun bash -c 'MACHINE_RANK=$SLURM_NODEID bash "$SLURM_SUBMIT_DIR/launch.sh"'
 """
+
+
+HUB_MODEL_HELP = (
+    "{model} is not on this machine. It is a gated Hugging Face repository: once, accept its licence at "
+    "https://huggingface.co/{model}, log in (`hf auth login`, or HF_TOKEN set), then download it with the "
+    "network allowed (`make lab` sets HF_HUB_OFFLINE=1): `HF_HUB_OFFLINE=0 hf download {model}`. It lands "
+    "in the Hugging Face cache ($HF_HOME/hub, default ~/.cache/huggingface/hub), where every run on this "
+    "machine finds it offline; on a cluster, download it on each machine (or share HF_HOME), or pass "
+    "--pretrained_model_name_or_path=/a/local/pipeline/folder."
+)
+
+
+def model_missing(name_or_path: str) -> str | None:
+    """None when the SVD pipeline `name_or_path` loads here without the network; else how to get it.
+
+    A folder needs its `model_index.json`; a hub id (SVD-xt 1.1) needs its files in the local
+    Hugging Face cache, as `make lab`'s HF_HUB_OFFLINE=1 forbids downloading them.
+    """
+    path = Path(name_or_path)
+    if not is_hub_id(name_or_path):
+        if (path / "model_index.json").is_file():
+            return None
+        return f"{path}: no SVD pipeline folder (no model_index.json)"
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name_or_path, "model_index.json")
+    if isinstance(found, str) and (Path(found).parent / "unet" / "config.json").is_file():
+        return None
+    return HUB_MODEL_HELP.format(model=name_or_path)
+
+
+def is_hub_id(value: str) -> bool:
+    """`owner/name` that is no folder here: a Hugging Face repository id (as diffusers reads it)."""
+    return (
+        re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None
+        and not value.startswith(".")
+        and not Path(value).exists()
+    )
+
+
+PATH_FLAGS = (
+    "pretrained_model_name_or_path",
+    "meta_info_path",
+    "validation_image_folder",
+    "validation_control_folder",
+    "validation_image",
+    "controlnet_model_name_or_path",
+    "unet_model_name_or_path",
+)
+
+
+def outside_needs(options) -> list[str]:
+    """What the run reads from outside its folder: absolute paths (the data, by default) and hub models."""
+    needs = []
+    for name in PATH_FLAGS:
+        value = getattr(options, name, None)
+        if not value:
+            continue
+        if Path(value).is_absolute():
+            needs.append(
+                f"--{name}={value}" + (" (and the videos it lists)" if name == "meta_info_path" else "")
+            )
+        elif name.endswith("model_name_or_path") and is_hub_id(value):
+            needs.append(f"--{name}={value} (a hub id: in the machine's Hugging Face cache)")
+    return needs
+
+
+def needs_comment(options) -> str:
+    needs = outside_needs(options)
+    if not needs:
+        return ""
+    head = "# Read from outside this folder: on another machine these must exist (or edit the flags below):"
+    return "\n".join([head, *(f"#   {need}" for need in needs)]) + "\n"
 
 
 def write_run_folder(
@@ -232,7 +306,7 @@ def write_run_folder(
     (folder / "launch.sh").write_text(
         LAUNCH_SH.format(
             title=folder.name,
-            python=sys.executable,
+            needs=needs_comment(options),
             env=env,
             ip=main_process_ip,
             port=main_process_port,
@@ -288,7 +362,8 @@ def run(folder: str | Path, echo=print) -> int:
 
     folder = Path(folder)
     steps_log = folder / OUTPUT / runs.STEPS_LOG
-    env = {**os.environ, "CNX_PROGRESS": "off"}  # the trainer's own bar would garble the stream
+    # The trainer's own bar would garble the stream; launch.sh runs this interpreter unless PYTHON is set.
+    env = {"PYTHON": sys.executable, **os.environ, "CNX_PROGRESS": "off"}
     child = subprocess.Popen(
         ["bash", "launch.sh"],
         cwd=folder,

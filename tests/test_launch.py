@@ -146,3 +146,28 @@ def test_a_finished_run_names_its_grid_loss_curve_and_latest_checkpoint(tmp_path
     assert lines["validation grid"] == str(output / "validation" / "step-000600" / "video-0" / "grid.png")
     assert lines["loss curve"] == str(curve)
     assert lines["checkpoint"] == str(output / "checkpoint-600")
+
+
+def test_launch_sh_names_no_interpreter_and_lists_what_it_reads_from_outside_its_folder(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("CNX_META_INFO", "/data/ubc/meta_info.json")
+    folder = launch.write_run_folder("full", [], runs_dir=tmp_path)
+    script = (folder / "launch.sh").read_text()
+    assert 'PYTHON="${PYTHON:-python}"' in script and sys.executable not in script
+    header = script.split("set -euo pipefail")[0]
+    assert "#   --meta_info_path=/data/ubc/meta_info.json (and the videos it lists)" in header
+    assert "stabilityai/stable-video-diffusion-img2vid-xt-1-1 (a hub id" in header
+    tiny = launch.write_run_folder("tiny", ["--max_train_steps=2"], runs_dir=tmp_path)
+    header = (tiny / "launch.sh").read_text().split("set -euo pipefail")[0]
+    assert "tiny_svd" not in header  # the model travels inside the folder
+
+
+def test_a_missing_model_is_named_with_how_to_get_it(tmp_path, monkeypatch):
+    from cnx.profiles import TINY_SVD
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert launch.model_missing(str(TINY_SVD)) is None
+    assert "no model_index.json" in launch.model_missing(str(tmp_path))
+    message = launch.model_missing("stabilityai/stable-video-diffusion-img2vid-xt-1-1")
+    assert "licence" in message and "HF_HUB_OFFLINE=0 hf download" in message
