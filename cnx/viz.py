@@ -637,22 +637,86 @@ def relative_change_curve(scales, changes, default=None, ax=None):
 def loss_curve(records, window: int | None = None):
     """The training loss per step of `steps.jsonl` records, its running mean, and the learning rate.
 
-    One step's loss depends strongly on its random sigma: the running mean over `window` steps
-    (default: a twentieth of the run, at least 5) is the line to read.
+    One step's loss depends strongly on its random sigma: each point is coloured by the step's mean
+    sigma (`sigma_mean`, when the records have it) on a log scale, so the noise's cause shows, and
+    the running mean over `window` steps (default: a twentieth of the run, at least 5) is the line
+    to read.
     """
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.colors import LogNorm
 
     steps = np.asarray([r["step"] for r in records])
     losses = np.asarray([r["loss"] for r in records], dtype=np.float64)
     window = max(1, min(window or max(5, len(records) // 20), len(records)))
     running = np.convolve(losses, np.ones(window) / window, mode="valid")  # ends at each step from window on
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4), gridspec_kw={"width_ratios": [3, 1]})
-    ax1.plot(steps, losses, ".", ms=3, alpha=0.35, label="loss per step")
-    ax1.plot(steps[window - 1 :], running, color=CONTROL_COLOR, label=f"running mean of {window}")
+    if all("sigma_mean" in r for r in records):
+        sigmas = np.asarray([r["sigma_mean"] for r in records], dtype=np.float64)
+        points = ax1.scatter(
+            steps, losses, c=sigmas, s=14, cmap="viridis", norm=LogNorm(), label="loss per step", zorder=2
+        )
+        fig.colorbar(points, ax=ax1, label="the step's sigma (log)", pad=0.01)
+    else:
+        ax1.plot(steps, losses, ".", ms=3, alpha=0.35, label="loss per step")
+    ax1.plot(
+        steps[window - 1 :], running, color=CONTROL_COLOR, lw=2, label=f"running mean of {window}", zorder=3
+    )
     ax1.set(xlabel="step", ylabel="loss", title="training loss")
     ax1.legend()
     ax2.plot(steps, [r["lr"] for r in records])
     ax2.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory plan (notebook 04)
+
+# One colour per part, none of them grey: the GPU-size lines are drawn in black over them.
+MEMORY_COLORS = {
+    "weights": "#1f77b4",
+    "half_copies": "#aec7e8",
+    "master_weights": "#9467bd",
+    "gradients": "#ff7f0e",
+    "optimizer": "#d62728",
+    "ema": "#8c564b",
+    "frozen": "#2ca02c",
+    "batch": "#e377c2",
+    "activations": "#bcbd22",
+}
+
+
+def memory_bars(plans, limits_gb=(24, 48, 80), title=""):
+    """Stacked bars of `cnx.memory` plans (label -> MemoryPlan) in GiB per GPU, with GPU-size lines.
+
+    The GPU sizes are labelled above the plot, where no bar hides them; the legend sits beside it.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
+
+    from cnx.memory import PARTS
+
+    gib = 2**30
+    labels = list(plans)
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(labels) + 1.6))
+    left = [0.0] * len(labels)
+    for part in PARTS:
+        values = [plans[label].parts[part] / gib for label in labels]
+        if max(values) > 0.05:
+            ax.barh(labels, values, left=left, label=part, color=MEMORY_COLORS.get(part))
+            left = [a + v for a, v in zip(left, values, strict=True)]
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    for limit in limits_gb:
+        gb_in_gib = limit  # as cnx.memory counts a card: an "80 GB" one holds about 80 GiB
+        ax.axvline(gb_in_gib, color="black", ls="--", lw=1.2, zorder=3)
+        ax.text(gb_in_gib, 1.01, f"{limit} GB", transform=top, ha="center", va="bottom", fontsize=9)
+    for y, total in enumerate(left):
+        ax.text(total + 0.5, y, f"{total:.1f}", va="center", fontsize=8)
+    ax.set_xlim(0, max(*left, *limits_gb) * 1.08)
+    ax.set_xlabel("GiB per GPU")
+    ax.set_title(title, pad=18)
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig

@@ -244,3 +244,36 @@ def test_overlay_pose_blends_only_the_skeleton():
     np.testing.assert_array_equal(out[untouched], frames[untouched])
     with pytest.raises(ValueError, match="differ in shape"):
         overlay_pose(frames, poses[:1])
+
+
+def test_the_memory_bars_label_the_gpu_sizes_above_the_bars_and_colour_no_part_grey():
+    from cnx import memory, viz
+
+    plans = {
+        f"{gpus} GPU": memory.plan_memory(memory.MemoryOptions(profile="tiny", num_gpus=gpus))
+        for gpus in (1, 8)
+    }
+    fig = viz.memory_bars(plans, limits_gb=(24, 80))
+    ax = fig.axes[0]
+    labels = [t for t in ax.texts if t.get_text().endswith(" GB")]
+    assert [t.get_text() for t in labels] == ["24 GB", "80 GB"] and all(
+        t.get_position()[1] > 1 for t in labels
+    )
+    assert all(line.get_color() == "black" for line in ax.lines)  # the GPU-size lines
+    assert "grey" not in viz.MEMORY_COLORS.values() and set(viz.MEMORY_COLORS) == set(memory.PARTS)
+    legend = ax.get_legend()
+    assert legend.get_bbox_to_anchor().x0 >= ax.get_window_extent().x1  # beside the axes, over no bar
+    plt.close(fig)
+
+
+def test_the_loss_curve_colours_each_step_by_its_sigma():
+    from cnx import viz
+
+    records = [{"step": s, "loss": 0.1 * s, "lr": 1e-4, "sigma_mean": 0.1 * s} for s in range(1, 11)]
+    fig = viz.loss_curve(records)
+    points = fig.axes[0].collections[0]
+    assert list(points.get_array()) == [r["sigma_mean"] for r in records]
+    assert any("sigma" in ax.get_ylabel() for ax in fig.axes)  # the colour bar
+    plt.close(fig)
+    fig = viz.loss_curve([{k: v for k, v in r.items() if k != "sigma_mean"} for r in records])  # older logs
+    plt.close(fig)
