@@ -191,11 +191,12 @@ HUB_MODEL_HELP = (
 )
 
 
-def model_missing(name_or_path: str) -> str | None:
+def model_missing(name_or_path: str, cache_dir: str | Path | None = None) -> str | None:
     """None when the SVD pipeline `name_or_path` loads here without the network; else how to get it.
 
     A folder needs its `model_index.json`; a hub id (SVD-xt 1.1) needs its files in the local
-    Hugging Face cache, as `make lab`'s HF_HUB_OFFLINE=1 forbids downloading them.
+    Hugging Face cache (`cache_dir`, default the hub's), as `make lab`'s HF_HUB_OFFLINE=1 forbids
+    downloading them.
     """
     path = Path(name_or_path)
     if not is_hub_id(name_or_path):
@@ -204,7 +205,7 @@ def model_missing(name_or_path: str) -> str | None:
         return f"{path}: no SVD pipeline folder (no model_index.json)"
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(name_or_path, "model_index.json")
+    found = try_to_load_from_cache(name_or_path, "model_index.json", cache_dir=cache_dir)
     if isinstance(found, str) and (Path(found).parent / "unet" / "config.json").is_file():
         return None
     return HUB_MODEL_HELP.format(model=name_or_path)

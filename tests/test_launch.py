@@ -163,11 +163,19 @@ def test_launch_sh_names_no_interpreter_and_lists_what_it_reads_from_outside_its
     assert "tiny_svd" not in header  # the model travels inside the folder
 
 
-def test_a_missing_model_is_named_with_how_to_get_it(tmp_path, monkeypatch):
+def test_a_missing_model_is_named_with_how_to_get_it(tmp_path):
     from cnx.profiles import TINY_SVD
 
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     assert launch.model_missing(str(TINY_SVD)) is None
     assert "no model_index.json" in launch.model_missing(str(tmp_path))
-    message = launch.model_missing("stabilityai/stable-video-diffusion-img2vid-xt-1-1")
+    hub_id = "stabilityai/stable-video-diffusion-img2vid-xt-1-1"
+    message = launch.model_missing(hub_id, cache_dir=tmp_path / "hub")
     assert "licence" in message and "HF_HUB_OFFLINE=0 hf download" in message
+    # The same id, downloaded: its snapshot in the cache, as `hf download` leaves it.
+    snapshot = tmp_path / "hub" / "models--stabilityai--stable-video-diffusion-img2vid-xt-1-1"
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("abc")
+    (snapshot / "snapshots" / "abc" / "unet").mkdir(parents=True)
+    (snapshot / "snapshots" / "abc" / "model_index.json").write_text("{}")
+    (snapshot / "snapshots" / "abc" / "unet" / "config.json").write_text("{}")
+    assert launch.model_missing(hub_id, cache_dir=tmp_path / "hub") is None
