@@ -65,12 +65,6 @@ def build_parser(cls, prog: str, description: str, defaults: dict | None = None)
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,  # a launch script's flags mean exactly what they say
     )
-    add_fields(parser, cls, defaults)
-    return parser
-
-
-def add_fields(parser: argparse.ArgumentParser, cls, defaults: dict | None = None) -> None:
-    """Add one flag per field of the dataclass `cls` to `parser`."""
     hints = typing.get_type_hints(cls)
     defaults = defaults or {}
     for f in dataclasses.fields(cls):
@@ -94,6 +88,7 @@ def add_fields(parser: argparse.ArgumentParser, cls, defaults: dict | None = Non
             parser.add_argument(
                 f"--{f.name}", type=base, default=default, choices=choices, metavar=metavar, help=help_
             )
+    return parser
 
 
 def as_argv(values, changed_only: bool = True, skip: tuple[str, ...] = ()) -> list[str]:

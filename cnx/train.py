@@ -217,11 +217,12 @@ def optimizer_step(accelerator, models, data, options, optimizer, trainable, ste
     """
     rank = accelerator.process_index
     losses, sigmas, grad_norm = [], [], None
+    objective = Objective.from_options(options)
     for micro in range(options.gradient_accumulation_steps):
         epoch, position, batch = next(data)
         with accelerator.accumulate(models.model):
             generator = step_generator(options.seed, rank, step, micro)
-            out = training_step(models, batch, Objective.from_options(options), generator)
+            out = training_step(models, batch, objective, generator)
             finite_or_stop(out.per_sample, "loss", step + 1, out.sigma, batch)
             accelerator.backward(out.loss)
             if accelerator.sync_gradients:  # clipped in every mode (pitfall 8)
