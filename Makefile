@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test lint lab clean
+.PHONY: venv demo test lint lab learner-path clean
 
 # torch first, from the exact pin (a CPU wheel here), so the package install never pulls another torch.
 $(BIN)/cnx: pyproject.toml
@@ -36,6 +36,11 @@ lint: venv
 # cell's reply only when the limit fired.
 test: lint
 	$(BIN)/pytest --nbmake --nbmake-timeout=300 tests notebooks
+
+# The learner's path in a fresh clone of HEAD: notebook 04, then 05 without CNX_RUN (it trains its own
+# run); fails when a cell fails or the two take longer than the budget in benchmarks/learner_path.py.
+learner-path: venv
+	$(BIN)/python benchmarks/learner_path.py
 
 lab: venv
 	$(BIN)/jupyter lab notebooks

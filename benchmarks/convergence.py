@@ -39,6 +39,7 @@ from record import record, write
 from cnx import convergence
 from cnx.launch import profile_options
 from cnx.options import VALIDATION_FLAGS
+from cnx.profiles import REPO_ROOT as ROOT
 from cnx.profiles import quiet_known_warnings
 
 
@@ -80,11 +81,28 @@ def ground_truth(validations, options) -> dict[str, float]:
     return {key: sum(r[f"control_{key}"] for r in results) / len(results) for key in ("score", "contrast")}
 
 
+def write_grid(path: Path, validation, options, videos: dict) -> None:
+    """Rows: the ground truth, the poses, then each model's video with the poses drawn over it."""
+    from PIL import Image
+
+    from cnx.media import fit, frame_grid
+    from cnx.overlay import overlay_pose
+
+    poses = fit(validation.poses, options.height, options.width)
+    truth = fit(validation.ground_truth, options.height, options.width)
+    rows = [truth, poses, *(overlay_pose(v, poses[: len(v)]) for v in videos.values())]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(frame_grid([r[: len(rows[-1])] for r in rows])).save(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="the training run's --seed")
     parser.add_argument("--json", type=Path, default=None, help="write the record here, not in results/")
     parser.add_argument("--work_dir", type=Path, default=None, help="keep the run here (default: temporary)")
+    parser.add_argument(
+        "--grid", type=Path, default=None, help="write the first held-out dancer's videos here (PNG)"
+    )
     parser.add_argument("extra", nargs="*", help="training flags, e.g. -- --max_train_steps=100")
     args = parser.parse_args(argv)
     quiet_known_warnings()
@@ -97,18 +115,27 @@ def main(argv: list[str] | None = None) -> int:
         heldout_meta = convergence.write_heldout(work / "heldout")
         batches = convergence.heldout_batches(heldout_meta, options)
         validations = convergence.validation_sets(work / "heldout", options.num_frames)
+        videos = {"step 0": {}, "end": {}}  # what `measure` samples, kept for --grid
         started = time.perf_counter()
-        before = convergence.measure(convergence.initial_pipeline(options), batches, validations, options)
+        initial = convergence.initial_pipeline(options)
+        before = convergence.measure(initial, batches, validations, options, videos=videos["step 0"])
         measure_seconds = time.perf_counter() - started
         train_seconds = train(options)
         trained = convergence.trained_pipeline(options, Path(options.output_dir) / "final")
-        after = convergence.measure(trained, batches, validations, options)
+        after = convergence.measure(trained, batches, validations, options, videos=videos["end"])
         truth = ground_truth(validations, options)
+        if args.grid:
+            write_grid(
+                args.grid,
+                validations[0],
+                options,
+                {k: v[(0, options.control_scale, convergence.SAMPLING_STEPS)] for k, v in videos.items()},
+            )
 
     result = record(
         "convergence",
         threads=int(os.environ.get("OMP_NUM_THREADS", 0)) or None,  # None: torch's default
-        model=os.path.relpath(options.pretrained_model_name_or_path, Path(__file__).resolve().parent.parent),
+        model=os.path.relpath(options.pretrained_model_name_or_path, ROOT),
         steps=options.max_train_steps,
         seed=args.seed,
         learning_rate=options.learning_rate,
@@ -121,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         end=asdict(after),
         ground_truth=truth,
         verdicts=verdicts(before, after),
+        grid=os.path.relpath(args.grid.resolve(), ROOT) if args.grid else None,
     )
     print(f"{options.max_train_steps} steps, seed {args.seed}: training {train_seconds:.0f} s, ", end="")
     print(f"one measurement {measure_seconds:.0f} s")
