@@ -38,6 +38,7 @@ DEFAULT_CONTROL_SCALE = 0.2  # = cnx.conditioning.DEFAULT_CONTROL_SCALE
 DEFAULT_CONDITIONING_DROPOUT_PROB = 0.1  # = cnx.conditioning.DEFAULT_CONDITIONING_DROPOUT_PROB
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 TRAINABLE = ("full", "selective", "lora", "controlnext")
+WEIGHTS_DTYPES = ("fp32", "bf16")
 SECRET_FIELDS = ("hub_token",)  # never written to training_options.json or a launch command
 
 # The original script's other dataset (webvid) and its prompt: flag -> what to use instead.
@@ -105,7 +106,18 @@ class TrainingOptions:
     adam_weight_decay: float = flag(1e-2, "AdamW weight decay (cnx spares norms and biases, pitfall 9)")
     adam_epsilon: float = flag(1e-8, "Adam's epsilon")
     max_grad_norm: float = flag(1.0, "gradient clipping norm, applied with and without DeepSpeed (pitfall 8)")
-    use_8bit_adam: bool = flag(False, "8-bit AdamW from bitsandbytes (the trainer checks it is installed)")
+    use_8bit_adam: bool = flag(
+        False, "8-bit AdamW moments from bitsandbytes (pip install 'cnx[bnb]'; CUDA GPUs and x86 CPUs)"
+    )
+    weights_dtype: str = flag(
+        "fp32",
+        "dtype the UNet and ControlNeXt weights (and so the gradients) are stored in; bf16 needs "
+        "--mixed_precision=bf16 and keeps a float32 master copy in the optimizer (cnx.bf16_adamw)",
+        WEIGHTS_DTYPES,
+    )
+    stochastic_rounding: bool = flag(
+        False, "with --weights_dtype=bf16: round each update stochastically into the bf16 weights, no master"
+    )
     use_ema: bool = flag(False, "keep an EMA of the trained weights and save it (pitfall 6)")
     gradient_checkpointing: bool = flag(False, "recompute activations in backward to save memory")
     mixed_precision: str = flag(
@@ -215,8 +227,26 @@ class TrainingOptions:
             found.append(
                 f"validation needs all three of --{', --'.join(VALIDATION_FLAGS)} or none; missing {missing}"
             )
+        found += self.weights_problems()
         if self.push_to_hub and not self.hub_model_id:
             found.append("--push_to_hub needs --hub_model_id (the hub repository to push to)")
+        return found
+
+    def weights_problems(self) -> list[str]:
+        """Combinations of --weights_dtype, --stochastic_rounding and --use_8bit_adam that cannot work."""
+        found = []
+        if self.stochastic_rounding and self.weights_dtype != "bf16":
+            found.append("--stochastic_rounding rounds updates into bf16 weights: give --weights_dtype=bf16")
+        if self.weights_dtype == "bf16" and self.mixed_precision != "bf16":
+            found.append(
+                "--weights_dtype=bf16 computes in bf16: give --mixed_precision=bf16, "
+                f"not {self.mixed_precision}"
+            )
+        if self.weights_dtype == "bf16" and self.use_8bit_adam:
+            found.append(
+                "--use_8bit_adam updates float32 weights; with --weights_dtype=bf16 cnx's AdamW keeps "
+                "float32 moments: drop one of the two"
+            )
         return found
 
     def as_argv(self, changed_only: bool = True) -> list[str]:
