@@ -227,26 +227,11 @@ class TrainingOptions:
             found.append(
                 f"validation needs all three of --{', --'.join(VALIDATION_FLAGS)} or none; missing {missing}"
             )
-        found += self.weights_problems()
+        found += weights_problems(
+            self.weights_dtype, self.stochastic_rounding, self.mixed_precision, self.use_8bit_adam
+        )
         if self.push_to_hub and not self.hub_model_id:
             found.append("--push_to_hub needs --hub_model_id (the hub repository to push to)")
-        return found
-
-    def weights_problems(self) -> list[str]:
-        """Combinations of --weights_dtype, --stochastic_rounding and --use_8bit_adam that cannot work."""
-        found = []
-        if self.stochastic_rounding and self.weights_dtype != "bf16":
-            found.append("--stochastic_rounding rounds updates into bf16 weights: give --weights_dtype=bf16")
-        if self.weights_dtype == "bf16" and self.mixed_precision != "bf16":
-            found.append(
-                "--weights_dtype=bf16 computes in bf16: give --mixed_precision=bf16, "
-                f"not {self.mixed_precision}"
-            )
-        if self.weights_dtype == "bf16" and self.use_8bit_adam:
-            found.append(
-                "--use_8bit_adam updates float32 weights; with --weights_dtype=bf16 cnx's AdamW keeps "
-                "float32 moments: drop one of the two"
-            )
         return found
 
     def as_argv(self, changed_only: bool = True) -> list[str]:
@@ -289,6 +274,26 @@ class TrainingOptions:
                 expected = base.__name__ + (" or null" if optional else "")
                 raise ValueError(f"{path}: {name} must be {expected}, got {value!r}")
         return cls(**values)
+
+
+def weights_problems(
+    weights_dtype: str, stochastic_rounding: bool, mixed_precision: str, use_8bit_adam: bool
+) -> list[str]:
+    """What cannot work among --weights_dtype, --stochastic_rounding, --mixed_precision and
+    --use_8bit_adam (for `cnx train` and `cnx plan-memory` alike)."""
+    found = []
+    if stochastic_rounding and weights_dtype != "bf16":
+        found.append("--stochastic_rounding rounds updates into bf16 weights: give --weights_dtype=bf16")
+    if weights_dtype == "bf16" and mixed_precision != "bf16":
+        found.append(
+            f"--weights_dtype=bf16 computes in bf16: give --mixed_precision=bf16, not {mixed_precision}"
+        )
+    if weights_dtype == "bf16" and use_8bit_adam:
+        found.append(
+            "--use_8bit_adam updates float32 weights; with --weights_dtype=bf16 cnx's AdamW keeps "
+            "float32 moments: drop one of the two"
+        )
+    return found
 
 
 def _json_path(path: str | Path) -> Path:

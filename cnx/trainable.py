@@ -71,20 +71,11 @@ def build_optimizer(groups: list[dict], options, device="cpu"):
 
         return BF16AdamW(groups, **kwargs, stochastic_rounding=options.stochastic_rounding, seed=options.seed)
     if options.use_8bit_adam:
-        return import_bitsandbytes().optim.AdamW8bit(groups, **kwargs)
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **kwargs)
     fused = True if torch.device(device).type == "cpu" else None  # None: torch's choice for the device
     return torch.optim.AdamW(groups, **kwargs, fused=fused)
-
-
-def import_bitsandbytes():
-    """bitsandbytes, without the warning its CPU backend logs on import (0.50.2, CPUs with avx512_bf16)
-    when it cannot fetch a 4-bit matmul kernel from the hub: 8-bit AdamW does not use it."""
-    import logging
-
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    import bitsandbytes
-
-    return bitsandbytes
 
 
 def check_8bit_adam(device) -> None:
@@ -94,7 +85,7 @@ def check_8bit_adam(device) -> None:
     """
     where = "CUDA or ROCm GPUs, Intel XPUs and CPUs"
     try:
-        bnb = import_bitsandbytes()
+        import bitsandbytes as bnb
     except Exception as err:  # missing, or a build that does not load here
         raise SystemExit(
             f"cnx train: --use_8bit_adam needs bitsandbytes, which does not load here ({err}); "
