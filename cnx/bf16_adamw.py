@@ -11,8 +11,10 @@ learning. Two cures, both with float32 moments:
   weight and rounded up or down at random, with the probabilities that make the expected bf16
   weight the float32 one, so small updates add up on average (no master copy).
 
-The rounding draws from a ("stochastic-rounding", seed, step) stream (`cnx.seeding`), the same on
-every rank (the weights stay identical across data-parallel ranks) and again after a resume.
+Gradients are bf16 like their weights, so gradient accumulation sums in bf16 and clipping
+measures their norm in bf16. The rounding draws from a ("stochastic-rounding", seed, step)
+stream (`cnx.seeding`), the same on every rank (the weights stay identical across data-parallel
+ranks) and again after a resume.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class TrainingOptions:
     adam_epsilon: float = flag(1e-8, "Adam's epsilon")
     max_grad_norm: float = flag(1.0, "gradient clipping norm, applied with and without DeepSpeed (pitfall 8)")
     use_8bit_adam: bool = flag(
-        False, "8-bit AdamW moments from bitsandbytes (pip install 'cnx[bnb]'; CUDA GPUs and x86 CPUs)"
+        False, "8-bit AdamW moments from bitsandbytes (the bnb extra): CUDA/ROCm GPUs, Intel XPUs, CPUs"
     )
     weights_dtype: str = flag(
         "fp32",
