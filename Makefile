@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 $(BIN)/cnx: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,bnb]'
 	touch $(BIN)/cnx
 
 venv: $(BIN)/cnx

@@ -21,6 +21,8 @@ It prints a table and five verdicts and writes its record to `benchmarks/results
 (`--json` elsewhere). `tests/test_convergence.py` runs it in CI (seed 0, float32, the profile's
 precision on a CPU) and asserts the verdicts with margins; the figures those margins come from,
 six runs at seeds 0-2 in float32 and bf16, are in `benchmarks/results/convergence_600_steps.json`.
+bf16 weights updated by stochastic rounding (`-- --mixed_precision=bf16 --weights_dtype=bf16
+--stochastic_rounding`): `benchmarks/results/convergence_bf16_weights.json`.
 """
 
 from __future__ import annotations
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         trainable=options.trainable,
         control_scale=options.control_scale,
         mixed_precision=options.mixed_precision,
+        weights_dtype=options.weights_dtype,
+        stochastic_rounding=options.stochastic_rounding,
+        training_flags=args.extra,
         train_seconds=round(train_seconds, 1),
         measure_seconds=round(measure_seconds, 1),
         step_0=asdict(before),

@@ -144,7 +144,7 @@ def stale_metadata() -> str | None:
         return None
     return (
         f"WARNING: {path} pins differ from the installed cnx's metadata (checked here); "
-        "reinstall to check against the file: pip install -e '.[dev]'"
+        "reinstall to check against the file: pip install -e '.[dev,bnb]'"
     )
 
 

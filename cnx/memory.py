@@ -7,7 +7,9 @@ full profile SVD-xt (diffusers' default `UNetSpatioTemporalConditionModel`,
 
 Exact (tests compare them with the real tensors of a tiny training step):
 - weights: the UNet + ControlNeXt parameters as the trainer holds them, float32
-  (accelerate's autocast computes in half precision but keeps float32 weights);
+  (accelerate's autocast computes in half precision but keeps float32 weights), or bf16
+  with `weights_dtype` bf16 (`cnx.bf16_adamw`: float32 moments, a float32 master copy of
+  the trained weights unless `stochastic_rounding`, no autocast copies);
 - gradients: one per trainable parameter, in its dtype;
 - optimizer: AdamW's two float32 moments per trainable parameter. Its per-tensor
   `step` counters live on the CPU (torch's non-fused AdamW), so they are CPU bytes;
@@ -33,7 +35,7 @@ Measured:
   activations + half_copies; CUDA's autocast keeps a few more ops in float32).
   Activations are affine in B*F*H*W: `max_frames` fits a line through two
   measurements and checks its answer.
-Modelled (not tested here: no DeepSpeed run on GPUs, no bitsandbytes):
+Modelled (not tested here: no DeepSpeed run on GPUs):
 - DeepSpeed (zero_stage >= 1), as the ZeRO paper counts it: the module in the
   weight dtype (half under mixed precision; ZeRO-3 partitions it), a float32
   master copy and the AdamW moments of the trainable parameters partitioned over
@@ -46,9 +48,11 @@ Modelled (not tested here: no DeepSpeed run on GPUs, no bitsandbytes):
   (accelerate's default `gradient_as_bucket_view=False`): twice the gradients.
 - Autocast's half copies of the weights, held from the forward to the backward.
 - 8-bit AdamW from bitsandbytes' state layout: one byte per moment for tensors
-  of 4096 or more elements plus a float32 absmax per 256, float32 moments below.
+  of 4096 or more elements plus a float32 absmax per 256, float32 moments below
+  (tested against bitsandbytes' own state on a CPU).
 - EMA: a copy of the trainable parameters in the module's dtype (under DeepSpeed
-  mixed precision the engine has made them half, so the copy is half too).
+  mixed precision the engine has made them half, so the copy is half too); float32
+  for bf16 weights, whose EMA the trainer keeps in float32.
 Not counted: the CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation,
 the gradients of activations alive during backward and the VAE's chunked
 no-grad encoding before the forward: `reserve_gb` (default 2) stands for them.
@@ -68,7 +72,7 @@ import torch
 
 from cnx import flags
 from cnx.flags import flag
-from cnx.options import TRAINABLE
+from cnx.options import TRAINABLE, WEIGHTS_DTYPES, weights_problems
 from cnx.profiles import PROFILES, get_profile
 
 GiB = 2**30
@@ -98,6 +102,10 @@ class MemoryOptions:
     zero_stage: int = flag(0, "DeepSpeed ZeRO stage; 0 = no DeepSpeed (DDP)", ZERO_STAGES)
     offload_optimizer: bool = flag(False, "DeepSpeed: optimizer states (and fp32 master) on the CPU")
     use_8bit_adam: bool = flag(False, "bitsandbytes' 8-bit AdamW")
+    weights_dtype: str = flag(
+        "fp32", "the UNet and ControlNeXt weights' dtype, as `cnx train`", WEIGHTS_DTYPES
+    )
+    stochastic_rounding: bool = flag(False, "bf16 weights updated by stochastic rounding: no float32 master")
     use_ema: bool = flag(False, "keep an EMA copy of the trainable parameters")
     gradient_checkpointing: bool = flag(True, "recompute activations in backward")
     per_gpu_batch_size: int = flag(1, "clips per GPU per micro-batch")
@@ -134,6 +142,14 @@ class MemoryOptions:
                 found.append(f"--{name} must be a positive multiple of 8, got {value}")
         if self.offload_optimizer and self.zero_stage == 0:
             found.append("--offload_optimizer is DeepSpeed's: give --zero_stage 1, 2 or 3")
+        mixed_precision = self.mixed_precision or get_profile(self.profile).mixed_precision
+        found += weights_problems(
+            self.weights_dtype, self.stochastic_rounding, mixed_precision, self.use_8bit_adam
+        )
+        if self.weights_dtype == "bf16" and self.zero_stage:
+            found.append(
+                "--weights_dtype=bf16 is for runs without DeepSpeed (ZeRO keeps bf16 weights itself)"
+            )
         if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
             found.append(f"--gpu_memory_gb must be greater than 0, got {self.gpu_memory_gb}")
         if not self.reserve_gb >= 0:
@@ -182,10 +198,12 @@ class MemoryPlan:
         engine = "DDP" if o.num_gpus > 1 else "1 process"
         if o.zero_stage:
             engine = f"DeepSpeed ZeRO-{o.zero_stage}"
+        bf16_update = "stochastic rounding" if o.stochastic_rounding else "float32 master"
         extras = [
             "gradient checkpointing" if o.gradient_checkpointing else "no gradient checkpointing",
             *(["optimizer offload"] if o.offload_optimizer else []),
             *(["8-bit Adam"] if o.use_8bit_adam else []),
+            *([f"bf16 weights ({bf16_update})"] if o.weights_dtype == "bf16" else []),
             *(["EMA"] if o.use_ema else []),
         ]
         lines = [
@@ -415,6 +433,8 @@ def state_parts(o: MemoryOptions, model) -> dict[str, int]:
     """Bytes per GPU of what does not depend on the clip, and `cpu_bytes`, for resolved options."""
     half = HALF.get(o.mixed_precision)
     deepspeed = o.zero_stage > 0
+    if o.weights_dtype == "bf16":  # cnx.bf16_adamw: no autocast copies, fp32 state beside the weights
+        return bf16_weights_parts(o, model)
     # DeepSpeed casts the module to the half dtype; accelerate's autocast keeps it float32.
     module_size = half.itemsize if deepspeed and half is not None else 4
     trainable = [p.numel() for p in model.parameters() if p.requires_grad]
@@ -445,6 +465,22 @@ def state_parts(o: MemoryOptions, model) -> dict[str, int]:
             master_weights=0, gradients=grads, optimizer=0, cpu_bytes=master + fp32_grads + optimizer
         )
     return parts | dict(master_weights=master, gradients=grads + fp32_grads, optimizer=optimizer)
+
+
+def bf16_weights_parts(o: MemoryOptions, model) -> dict[str, int]:
+    """`cnx train --weights_dtype=bf16` without DeepSpeed: the module and gradients in bf16 (DDP's
+    buckets too), float32 moments, a float32 master unless stochastic rounding, a float32 EMA."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ddp_buckets = 2 * trainable if o.num_gpus > 1 else 0
+    return dict(
+        weights=state_bytes([model], torch.bfloat16),
+        half_copies=0,  # autocast has nothing to cast: the weights are bf16 already
+        master_weights=0 if o.stochastic_rounding else 4 * trainable,
+        gradients=2 * trainable + ddp_buckets,
+        optimizer=8 * trainable,
+        ema=4 * trainable if o.use_ema else 0,
+        cpu_bytes=0,  # its step counters are Python ints
+    )
 
 
 def plan_memory(options: MemoryOptions) -> MemoryPlan:

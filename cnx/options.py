@@ -38,6 +38,7 @@ DEFAULT_CONTROL_SCALE = 0.2  # = cnx.conditioning.DEFAULT_CONTROL_SCALE
 DEFAULT_CONDITIONING_DROPOUT_PROB = 0.1  # = cnx.conditioning.DEFAULT_CONDITIONING_DROPOUT_PROB
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 TRAINABLE = ("full", "selective", "lora", "controlnext")
+WEIGHTS_DTYPES = ("fp32", "bf16")
 SECRET_FIELDS = ("hub_token",)  # never written to training_options.json or a launch command
 
 # The original script's other dataset (webvid) and its prompt: flag -> what to use instead.
@@ -105,7 +106,18 @@ class TrainingOptions:
     adam_weight_decay: float = flag(1e-2, "AdamW weight decay (cnx spares norms and biases, pitfall 9)")
     adam_epsilon: float = flag(1e-8, "Adam's epsilon")
     max_grad_norm: float = flag(1.0, "gradient clipping norm, applied with and without DeepSpeed (pitfall 8)")
-    use_8bit_adam: bool = flag(False, "8-bit AdamW from bitsandbytes (the trainer checks it is installed)")
+    use_8bit_adam: bool = flag(
+        False, "8-bit AdamW moments from bitsandbytes (the bnb extra): CUDA/ROCm GPUs, Intel XPUs, CPUs"
+    )
+    weights_dtype: str = flag(
+        "fp32",
+        "dtype the UNet and ControlNeXt weights (and so the gradients) are stored in; bf16 needs "
+        "--mixed_precision=bf16 and keeps a float32 master copy in the optimizer (cnx.bf16_adamw)",
+        WEIGHTS_DTYPES,
+    )
+    stochastic_rounding: bool = flag(
+        False, "with --weights_dtype=bf16: round each update stochastically into the bf16 weights, no master"
+    )
     use_ema: bool = flag(False, "keep an EMA of the trained weights and save it (pitfall 6)")
     gradient_checkpointing: bool = flag(False, "recompute activations in backward to save memory")
     mixed_precision: str = flag(
@@ -215,6 +227,9 @@ class TrainingOptions:
             found.append(
                 f"validation needs all three of --{', --'.join(VALIDATION_FLAGS)} or none; missing {missing}"
             )
+        found += weights_problems(
+            self.weights_dtype, self.stochastic_rounding, self.mixed_precision, self.use_8bit_adam
+        )
         if self.push_to_hub and not self.hub_model_id:
             found.append("--push_to_hub needs --hub_model_id (the hub repository to push to)")
         return found
@@ -259,6 +274,26 @@ class TrainingOptions:
                 expected = base.__name__ + (" or null" if optional else "")
                 raise ValueError(f"{path}: {name} must be {expected}, got {value!r}")
         return cls(**values)
+
+
+def weights_problems(
+    weights_dtype: str, stochastic_rounding: bool, mixed_precision: str, use_8bit_adam: bool
+) -> list[str]:
+    """What cannot work among --weights_dtype, --stochastic_rounding, --mixed_precision and
+    --use_8bit_adam (for `cnx train` and `cnx plan-memory` alike)."""
+    found = []
+    if stochastic_rounding and weights_dtype != "bf16":
+        found.append("--stochastic_rounding rounds updates into bf16 weights: give --weights_dtype=bf16")
+    if weights_dtype == "bf16" and mixed_precision != "bf16":
+        found.append(
+            f"--weights_dtype=bf16 computes in bf16: give --mixed_precision=bf16, not {mixed_precision}"
+        )
+    if weights_dtype == "bf16" and use_8bit_adam:
+        found.append(
+            "--use_8bit_adam updates float32 weights; with --weights_dtype=bf16 cnx's AdamW keeps "
+            "float32 moments: drop one of the two"
+        )
+    return found
 
 
 def _json_path(path: str | Path) -> Path:

@@ -33,6 +33,7 @@ from cnx.step import Objective, build_models, step_generator, training_step
 from cnx.trainable import (
     build_lr_scheduler,
     build_optimizer,
+    check_8bit_adam,
     export_folders,
     parameter_groups,
     select_trainable,
@@ -126,15 +127,15 @@ def loop_batches(
 # The loop
 
 
-def check_environment(options) -> None:
-    """Refuse, before any model loads, what this machine cannot do for these options."""
+def check_environment(options, accelerator) -> None:
+    """Refuse, before any model loads, what this machine or launch cannot do for these options."""
     if options.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except Exception as err:
-            raise SystemExit(
-                f"cnx train: --use_8bit_adam needs bitsandbytes, which does not load here ({err})"
-            ) from None
+        check_8bit_adam(accelerator.device)
+    if options.weights_dtype == "bf16" and accelerator.state.deepspeed_plugin is not None:
+        raise SystemExit(
+            "cnx train: --weights_dtype=bf16 is for runs without DeepSpeed: under --mixed_precision=bf16 "
+            "DeepSpeed already holds bf16 weights and a float32 master (partitioned); drop --weights_dtype"
+        )
     if options.push_to_hub:
         from huggingface_hub import constants
 
@@ -274,8 +275,8 @@ def train(options) -> Path:
 
     from cnx.data import ClipDataset
 
-    check_environment(options)
     accelerator = make_accelerator(options)
+    check_environment(options, accelerator)
     world, main = accelerator.num_processes, accelerator.is_main_process
     output_dir = Path(options.output_dir)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -321,6 +322,8 @@ def train(options) -> Path:
     kernels = contextlib.ExitStack()  # CPU kernel workarounds, undone when the loop ends
     kernels.enter_context(cpu_kernel_workarounds(models.model.unet, accelerator.device, weight_dtype))
     trainable = select_trainable(models.model, options.trainable, options.rank)
+    if options.weights_dtype == "bf16":  # trained and frozen alike; the optimizer keeps the precision
+        models.model.to(torch.bfloat16)
     if options.log_trainable_parameters and main:
         log_trainable_parameters(models.model, options.trainable, output_dir)
     learning_rate = options.learning_rate
@@ -332,12 +335,13 @@ def train(options) -> Path:
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = learning_rate
     lr_scheduler = build_lr_scheduler(optimizer, options, total_steps)
-    # The EMA of every trainable weight, in float32: made before DeepSpeed casts to bf16 (pitfall 6).
+    # The EMA of every trainable weight, in float32: made before DeepSpeed casts to bf16 (pitfall 6),
+    # and from float32 copies of bf16 weights (a bf16 EMA would round its small updates away).
     ema = None
     if options.use_ema:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel([p for p in trainable], use_ema_warmup=True)
+        ema = EMAModel([p.detach().float() for p in trainable], use_ema_warmup=True)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     model, optimizer = accelerator.prepare(models.model, optimizer)

@@ -47,20 +47,35 @@ def test_every_cited_results_file_exists():
     assert not missing, missing
 
 
+def assert_trained_past_every_threshold(t, start: dict, end: dict, run) -> None:
+    assert end["loss"] < t.LOSS_FALLS * start["loss"], run
+    assert end["loss"] < t.CONTROL_GAIN * end["loss_no_control"], run
+    assert end["loss"] < t.RIGHT_POSES * end["loss_reversed_poses"], run
+    assert end["fidelity"] < t.FIDELITY_FALLS * start["fidelity"], run
+    assert end["fidelity"] < t.FIDELITY_CONTROL * end["fidelity_no_control"], run
+    assert end["contrast"] > t.CONTRAST_GAIN * start["contrast"] > 0, run
+
+
 def test_the_convergence_thresholds_sit_between_the_measured_runs():
     """Every threshold of the CI check separates the trained from the untrained figures of every run."""
     t = convergence_thresholds()
     measured = load("convergence_600_steps.json")
     assert len(measured["runs"]) == 6
     for run in measured["runs"]:
-        start, end = run["step_0"], run["end"]
-        assert end["loss"] < t.LOSS_FALLS * start["loss"], run
-        assert end["loss"] < t.CONTROL_GAIN * end["loss_no_control"], run
-        assert end["loss"] < t.RIGHT_POSES * end["loss_reversed_poses"], run
-        assert end["fidelity"] < t.FIDELITY_FALLS * start["fidelity"], run
-        assert end["fidelity"] < t.FIDELITY_CONTROL * end["fidelity_no_control"], run
-        assert end["contrast"] > t.CONTRAST_GAIN * start["contrast"] > 0, run
+        assert_trained_past_every_threshold(t, run["step_0"], run["end"], run)
     assert min(measured["step_0_ratios"]["loss / loss_reversed_poses"]) > t.RIGHT_POSES
+
+
+def test_bf16_weights_with_stochastic_rounding_trained_past_every_threshold():
+    """`--weights_dtype=bf16 --stochastic_rounding` (no float32 master) passed the CI check's thresholds."""
+    t = convergence_thresholds()
+    run = load("convergence_bf16_weights.json")
+    assert (run["weights_dtype"], run["stochastic_rounding"], run["steps"]) == ("bf16", True, 600)
+    assert run["mixed_precision"] == "bf16" and all(run["verdicts"].values())
+    start, end = run["step_0"], run["end"]
+    assert abs(start["loss"] / start["loss_no_control"] - 1) < t.UNTRAINED
+    assert start["loss"] > t.RIGHT_POSES * start["loss_reversed_poses"]
+    assert_trained_past_every_threshold(t, start, end, run)
 
 
 def test_the_readme_is_for_users():

@@ -203,3 +203,99 @@ def test_bad_flags_fail_in_one_line(argv, capsys):
     assert memory.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("cnx plan-memory: ") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Lighter weights and optimizer states: the plan against a real step's tensors
+
+
+def real_step(model, optimizer, dtype):
+    """One forward, backward and optimizer step of `model` at CLIP, inputs in `dtype`."""
+    batch_size, frames, height, width = CLIP
+    out = model(
+        torch.randn(batch_size, frames, 8, height // 8, width // 8).to(dtype),
+        torch.randn(batch_size),
+        torch.randn(batch_size, 1, model.unet.config.cross_attention_dim).to(dtype),
+        torch.randn(batch_size, 3).to(dtype),
+        pose_frames=torch.rand(batch_size, frames, 3, height, width).to(dtype),
+    ).sample
+    out.float().square().mean().backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("trainable, stochastic_rounding", [("full", False), ("full", True), ("lora", False)])
+def test_bf16_weights_plan_equals_a_real_steps_tensors(trainable, stochastic_rounding):
+    from cnx.bf16_adamw import BF16AdamW
+
+    torch.manual_seed(0)
+    model, _ = tiny_model(trainable)
+    model.to(torch.bfloat16)  # as cnx train --weights_dtype=bf16 does, after selecting what trains
+    groups = parameter_groups(model, 1e-2)
+    real_step(model, BF16AdamW(groups, lr=1e-4, stochastic_rounding=stochastic_rounding), torch.bfloat16)
+    options = dict(trainable=trainable, rank=4, weights_dtype="bf16", use_ema=True)
+    plan = plan_memory(
+        MemoryOptions(
+            **{**TINY, "mixed_precision": "bf16"}, **options, stochastic_rounding=stochastic_rounding
+        )
+    )
+    trained = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in trained)
+    assert all(p.grad is not None for p in trained) and plan.trainable_parameters == n
+    assert plan.weights == nbytes([*model.parameters(), *model.buffers()])
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert plan.gradients == nbytes(p.grad for p in trained) == 2 * n
+    assert plan.half_copies == plan.cpu_bytes == 0
+    assert plan.ema == 4 * n  # the trainer's EMA of bf16 weights is float32
+    # First principles: bf16 weight and gradient, two float32 moments, and a float32 master or none.
+    bytes_per_trained = 2 + 2 + 8 + (0 if stochastic_rounding else 4)
+    if trainable == "full":
+        assert plan.weights + plan.gradients + plan.optimizer + plan.master_weights == bytes_per_trained * n
+
+
+def test_bf16_weights_state_bytes_equal_the_optimizers_own():
+    from cnx.bf16_adamw import BF16AdamW
+
+    torch.manual_seed(0)
+    for stochastic_rounding in (False, True):
+        model, _ = tiny_model("controlnext")
+        model.to(torch.bfloat16)
+        optimizer = BF16AdamW(parameter_groups(model, 1e-2), lr=1e-4, stochastic_rounding=stochastic_rounding)
+        real_step(model, optimizer, torch.bfloat16)
+        states = [s for s in optimizer.state.values() if s]
+        options = dict(trainable="controlnext", weights_dtype="bf16", stochastic_rounding=stochastic_rounding)
+        plan = plan_memory(MemoryOptions(**{**TINY, "mixed_precision": "bf16"}, **options))
+        moments = nbytes(s[key] for s in states for key in ("exp_avg", "exp_avg_sq"))
+        assert plan.optimizer == moments
+        assert plan.master_weights == nbytes(s["master"] for s in states if "master" in s)
+        assert all(type(s["step"]) is int for s in states)  # no counters on the CPU
+
+
+def test_8bit_adam_plan_equals_bitsandbytes_own_state():
+    """bitsandbytes (the `bnb` extra, installed by `make venv`) steps on this CPU: its real state."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    model, _ = tiny_model("full")
+    optimizer = bnb.optim.AdamW8bit(parameter_groups(model, 1e-2), lr=1e-4)
+    real_step(model, optimizer, torch.float32)
+    tensors = {t.untyped_storage().data_ptr(): t for s in optimizer.state.values() for t in s.values()
+               if torch.is_tensor(t)}  # fmt: skip
+    plan = plan_memory(MemoryOptions(**TINY, use_8bit_adam=True))
+    assert plan.optimizer == nbytes(tensors.values())  # the two quantisation maps are shared
+    assert any(t.dtype == torch.uint8 for t in tensors.values())  # some moments are 8-bit here
+    assert plan.cpu_bytes == 0  # its step counters are ints
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--stochastic_rounding"], "--stochastic_rounding rounds updates into bf16 weights"),
+        (["--weights_dtype", "bf16", "--mixed_precision", "no"], "give --mixed_precision=bf16"),
+        (["--weights_dtype", "bf16", "--use_8bit_adam"], "drop one of the two"),
+        (["--weights_dtype", "bf16", "--zero_stage", "2"], "without DeepSpeed"),
+    ],
+)
+def test_bad_weights_flags_fail_in_one_line(argv, message, capsys):
+    assert memory.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cnx plan-memory: ") and message in err and err.count("\n") == 1

@@ -257,6 +257,16 @@ def test_help_flag_prints_and_exits_0(capsys):
         (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
         (["--num_validation_images=-1"], "--num_validation_images must be 0 or more, got -1"),
         (["--video_cache_mb=-5"], "--video_cache_mb must be 0 or more, got -5"),
+        (
+            ["--stochastic_rounding"],
+            "--stochastic_rounding rounds updates into bf16 weights: give --weights_dtype",
+        ),
+        (
+            ["--weights_dtype=bf16"],
+            "--weights_dtype=bf16 computes in bf16: give --mixed_precision=bf16, not no",
+        ),
+        (["--weights_dtype=bf16", "--mixed_precision=bf16", "--use_8bit_adam"], "drop one of the two"),
+        (["--weights_dtype=fp16"], "--weights_dtype: invalid choice: 'fp16'"),
     ],
 )
 def test_each_problem_is_one_line_and_exit_2(paths, capsys, flags, expected):
@@ -289,6 +299,13 @@ def test_flags_checked_elsewhere_or_ignored_are_accepted(paths, capsys):
     )
     assert options.use_8bit_adam and options.local_rank == 3 and options.push_to_hub
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("rounding", [[], ["--stochastic_rounding"]])
+def test_bf16_weights_parse_with_bf16_mixed_precision(paths, rounding):
+    options = parse_options(minimal(paths, "--weights_dtype=bf16", "--mixed_precision=bf16", *rounding))
+    assert options.weights_dtype == "bf16" and options.stochastic_rounding == bool(rounding)
+    assert parse_options(options.as_argv()) == options
 
 
 def test_prefixes_of_flags_are_not_guessed(paths, capsys):

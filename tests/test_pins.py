@@ -42,17 +42,19 @@ def parse_pins(requirements):
 
 
 def pyproject_pins(*extras):
-    """Pins of the dependencies plus the named extras (default: the `dev` extra that the venv installs)."""
+    """Pins of the dependencies plus the named extras (default: `dev` and `bnb`, which the venv installs)."""
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     groups = project["optional-dependencies"]
-    return parse_pins(project["dependencies"] + [req for name in extras or ("dev",) for req in groups[name]])
+    return parse_pins(
+        project["dependencies"] + [req for name in extras or ("dev", "bnb") for req in groups[name]]
+    )
 
 
 def environment_pins():
     env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
     assert "python=3.11" in env["dependencies"]
     pip_section = next(dep["pip"] for dep in env["dependencies"] if isinstance(dep, dict))
-    assert "-e .[dev]" in pip_section, "environment.yml must install the package with its extras"
+    assert "-e .[dev,bnb]" in pip_section, "environment.yml must install the package with its extras"
     return parse_pins([req for req in pip_section if not req.startswith("-e ")])
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -313,7 +314,6 @@ def test_the_original_readme_command_trains_validates_checkpoints_and_exports(ti
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--use_8bit_adam"], "--use_8bit_adam needs bitsandbytes"),
         (
             ["--push_to_hub", "--hub_model_id=me/cnx"],
             "--push_to_hub needs the network, but HF_HUB_OFFLINE is set",
@@ -321,13 +321,6 @@ def test_the_original_readme_command_trains_validates_checkpoints_and_exports(ti
     ],
 )
 def test_what_this_machine_cannot_do_is_refused_before_any_model_loads(tmp_path, flags, message):
-    if flags[0] == "--use_8bit_adam":
-        try:
-            import bitsandbytes  # noqa: F401
-
-            pytest.skip("bitsandbytes loads here")
-        except Exception:
-            pass
     # The model path would fail later: the check comes first.
     result = run("/nonexistent/svd", tmp_path, *flags)
     assert result.returncode != 0 and message in result.stderr.strip().splitlines()[-1]
@@ -486,3 +479,89 @@ def test_bf16_training_steps_without_amx_are_finite_and_repeat(tiny_svd_dir, tmp
     assert losses(runs_[0]) == losses(runs_[1]) and len(losses(runs_[0])) == 2
     a, b = (load_file(r / "final" / "unet" / "diffusion_pytorch_model.safetensors") for r in runs_)
     assert all(torch.isfinite(a[k]).all() and torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lighter weights and optimizer states
+
+
+def test_8bit_adam_refuses_in_one_line_a_missing_bitsandbytes_or_a_device_it_cannot_step_on(monkeypatch):
+    import bitsandbytes as bnb
+
+    from cnx.trainable import check_8bit_adam
+
+    check_8bit_adam("cpu")  # it steps here
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+        with pytest.raises(
+            SystemExit, match=r"^cnx train: --use_8bit_adam needs bitsandbytes, which does not"
+        ):
+            check_8bit_adam("cpu")
+
+    def unsupported(self, closure=None):
+        raise NotImplementedError("no kernel for this device\nsecond line")
+
+    monkeypatch.setattr(bnb.optim.AdamW8bit, "step", unsupported)
+    with pytest.raises(SystemExit) as refused:
+        check_8bit_adam("cpu")
+    assert str(refused.value) == (
+        f"cnx train: --use_8bit_adam: bitsandbytes {bnb.__version__} cannot step its 8-bit AdamW on cpu "
+        "(no kernel for this device); it runs on CUDA or ROCm GPUs, Intel XPUs and CPUs"
+    )
+
+
+def test_bf16_weights_under_deepspeed_are_refused_before_any_model_loads(tmp_path):
+    deepspeed = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}  # as launched
+    result = run(
+        "/nonexistent/svd", tmp_path, "--weights_dtype=bf16", "--mixed_precision=bf16", env=deepspeed
+    )
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and last.startswith(
+        "cnx train: --weights_dtype=bf16 is for runs without DeepSpeed"
+    )
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--weights_dtype=bf16", "--mixed_precision=bf16", "--stochastic_rounding"],
+        ["--use_8bit_adam"],
+    ],
+    ids=["bf16-stochastic-rounding", "8bit-adam"],  # bf16 with a master: tests/test_bf16_adamw.py
+)
+def test_lighter_states_train_and_resume_exactly(tiny_svd_dir, tmp_path, flags):
+    """3 steps straight, and resumed from the step-2 checkpoint: the same step-3 loss and weights.
+
+    The weights are stored in their dtype, the optimizer's float32 state (bf16 weights' moments
+    and master) and the EMA stay float32 through save and load.
+    """
+    from safetensors.torch import load_file
+
+    common = [*flags, "--max_train_steps=3", "--checkpointing_steps=2", "--use_ema", "--report_to=none"]
+    common += ["--learning_rate=1e-4", "--lr_warmup_steps=0"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = run(tiny_svd_dir, straight, *common)
+    assert result.returncode == 0, result.stderr[-2000:]
+    again = run(tiny_svd_dir, resumed, *common, f"--resume_from_checkpoint={straight / 'checkpoint-2'}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(losses(straight)) == [1, 2, 3] and all(map(math.isfinite, losses(straight).values()))
+    assert losses(resumed) == {3: losses(straight)[3]}
+
+    bf16 = "--weights_dtype=bf16" in flags
+    weights = load_file(straight / "checkpoint-3" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16 if bf16 else torch.float32}
+    optimizer = torch.load(straight / "checkpoint-3" / "optimizer.bin", weights_only=True)
+
+    def dtypes(state) -> set:  # bitsandbytes nests its quantised state in a dict of its own
+        if isinstance(state, dict):
+            return set().union(*map(dtypes, state.values()))
+        return {state.dtype} if torch.is_tensor(state) else set()
+
+    assert dtypes(optimizer["state"]) == ({torch.float32} if bf16 else {torch.float32, torch.uint8})
+    ema = torch.load(straight / "checkpoint-3" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert {t.dtype for t in ema["shadow_params"]} == {torch.float32}
+    for name in ("controlnext", "unet", "unet_ema"):
+        a, b = (
+            load_file(r / "final" / name / "diffusion_pytorch_model.safetensors") for r in (straight, resumed)
+        )
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
