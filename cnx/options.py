@@ -38,6 +38,8 @@ DEFAULT_CONTROL_SCALE = 0.2  # = cnx.conditioning.DEFAULT_CONTROL_SCALE
 DEFAULT_CONDITIONING_DROPOUT_PROB = 0.1  # = cnx.conditioning.DEFAULT_CONDITIONING_DROPOUT_PROB
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 TRAINABLE = ("full", "selective", "lora", "controlnext")
+CHECKPOINTING = ("blocks", "diffusers")  # what --gradient_checkpointing recomputes (cnx.checkpointing)
+DEFAULT_CHECKPOINTING = "blocks"  # measured by `cnx plan-memory`: the lighter, at a little recomputation
 SECRET_FIELDS = ("hub_token",)  # never written to training_options.json or a launch command
 
 # The original script's other dataset (webvid) and its prompt: flag -> what to use instead.
@@ -108,6 +110,12 @@ class TrainingOptions:
     use_8bit_adam: bool = flag(False, "8-bit AdamW from bitsandbytes (the trainer checks it is installed)")
     use_ema: bool = flag(False, "keep an EMA of the trained weights and save it (pitfall 6)")
     gradient_checkpointing: bool = flag(False, "recompute activations in backward to save memory")
+    checkpointing: str = flag(
+        DEFAULT_CHECKPOINTING,
+        "what --gradient_checkpointing recomputes: blocks = each UNet spatio-temporal transformer whole; "
+        "diffusers = diffusers' own (its temporal layers keep their activations), cnx.checkpointing",
+        CHECKPOINTING,
+    )
     mixed_precision: str = flag(
         "no",
         "accelerate's mixed precision; sigmas and the loss stay float32 (pitfall 11)",
