@@ -90,10 +90,11 @@ def checkpoint_whole_transformers(unet: nn.Module, on: bool) -> None:
         if on:
             transformer.gradient_checkpointing = False  # no inner checkpoint nested in the whole block's
             transformer.forward = types.MethodType(_whole_transformer_forward, transformer)
-        else:
-            transformer.__dict__.pop("forward", None)
+        elif is_whole(transformer):
+            del transformer.forward  # diffusers' own forward again
 
 
 def is_whole(transformer: TransformerSpatioTemporalModel) -> bool:
     """Whether `transformer` is recomputed whole (granularity `blocks`)."""
-    return "forward" in transformer.__dict__
+    forward = transformer.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is _whole_transformer_forward

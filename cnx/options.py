@@ -112,8 +112,8 @@ class TrainingOptions:
     gradient_checkpointing: bool = flag(False, "recompute activations in backward to save memory")
     checkpointing: str = flag(
         DEFAULT_CHECKPOINTING,
-        "what --gradient_checkpointing recomputes: blocks = each UNet spatio-temporal transformer whole; "
-        "diffusers = diffusers' own (its temporal layers keep their activations), cnx.checkpointing",
+        "what --gradient_checkpointing recomputes (cnx.checkpointing): blocks = each of the UNet's "
+        "spatio-temporal transformers whole; diffusers = diffusers' own (temporal activations stored)",
         CHECKPOINTING,
     )
     mixed_precision: str = flag(
