@@ -2,13 +2,16 @@
 
     .venv/bin/python benchmarks/bench_train.py                  # the tiny profile on the CPU
     python benchmarks/bench_train.py --svd_xt --frames 14 21   # SVD-xt's architecture, random weights, GPU
+    python benchmarks/bench_train.py --checkpointing blocks     # only one granularity's checkpointed row
 
 Each timed step is a faithful trainer step without accelerate: `training_step`
 (VAE encoding, conditioning and its dropout, sigmas, UNet + ControlNeXt, the weighted
 loss), backward, gradient clipping at --max_grad_norm, AdamW over
 `parameter_groups`, zero_grad; the trainable set comes from
 `select_trainable`. The baseline is the same model without gradient
-checkpointing; the ratio columns divide by it.
+checkpointing; the ratio columns divide by it. Then one row per granularity of
+`--checkpointing` (default: both, `cnx.checkpointing`): `diffusers`, diffusers'
+own, as the original code ran; `blocks`, cnx's default.
 
 - CPU (default): the tiny stand-in SVD with the tiny profile's widths and random weights, written
   to a temporary folder by `cnx.tiny.write_tiny_svd` and loaded as the trainer loads it; the tiny
@@ -58,7 +61,7 @@ import torch
 from record import record, write
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from cnx.options import TRAINABLE, parse_options
+from cnx.options import CHECKPOINTING, TRAINABLE, parse_options
 from cnx.profiles import DATA_SAMPLES, TINY, quiet_known_warnings
 from cnx.step import Models, Objective, build_models, step_generator, training_step
 from cnx.trainable import build_optimizer, parameter_groups, select_trainable
@@ -264,14 +267,15 @@ def count_flops(bench: Bench, batch: dict) -> tuple[int, bool] | None:
     return counted
 
 
-def time_steps(bench: Bench, batch: dict, checkpointing: bool, warmup: int, steps: int):
+def time_steps(bench: Bench, batch: dict, granularity: str | None, warmup: int, steps: int):
     """(median seconds per step, peak memory GiB, peak above the start), or None when out of memory.
 
+    granularity: what gradient checkpointing recomputes (`cnx.checkpointing`), None: no checkpointing.
     The start holds the weights and the optimizer state; what a step adds above it is its
     gradients, activations and temporaries.
     """
-    if checkpointing:
-        bench.net.enable_gradient_checkpointing()
+    if granularity is not None:
+        bench.net.enable_gradient_checkpointing(granularity)
     else:
         bench.net.disable_gradient_checkpointing()
     release_memory(bench.device)
@@ -318,9 +322,13 @@ def format_row(name: str, result, base, tflop: float, mark: str, batch_size: int
     )
 
 
-def row_record(num_frames: int, checkpointing: bool, result, flops: int, exact: bool, peak) -> dict:
+def row_record(num_frames: int, granularity: str | None, result, flops: int, exact: bool, peak) -> dict:
     """One row of the results file; `result` is `time_steps`' (None: out of memory)."""
-    row = {"frames": num_frames, "gradient_checkpointing": checkpointing}
+    row = {
+        "frames": num_frames,
+        "gradient_checkpointing": granularity is not None,
+        "checkpointing": granularity,
+    }
     if result is None:
         return row | {"out_of_memory": True}
     seconds, memory, added = result
@@ -367,6 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak bf16 TFLOP/s")
     parser.add_argument("--results", type=Path, default=None, help="write the record here, not in results/")
+    parser.add_argument(
+        "--checkpointing",
+        nargs="+",
+        default=["diffusers", "blocks"],  # the original code's first
+        choices=CHECKPOINTING,
+        help="gradient checkpointing granularities to time, a row each (cnx train's --checkpointing)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     quiet_known_warnings(cpu=not torch.cuda.is_available())
@@ -440,12 +455,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{'' if exact else ' (plain step out of memory: counted checkpointed, less recomputation)'}"
         )
         print(HEADER)
-        base = None
-        for name, checkpointing in (("no checkpointing", False), ("gradient checkpointing", True)):
-            result = time_steps(bench, batch, checkpointing, args.warmup, args.steps)
-            base = result if not checkpointing else base
-            print(format_row(name, result, base, flops / 1e12, mark, args.batch_size, peak))
-            rows.append(row_record(num_frames, checkpointing, result, flops, exact, peak))
+        base, results = None, {}
+        granularities = [None, *dict.fromkeys(args.checkpointing)]  # None: no checkpointing, the baseline
+        for granularity in granularities:
+            name = f"checkpointing {granularity}" if granularity else "no checkpointing"
+            results[granularity] = time_steps(bench, batch, granularity, args.warmup, args.steps)
+            base = results[None]
+            print(format_row(name, results[granularity], base, flops / 1e12, mark, args.batch_size, peak))
+            rows.append(row_record(num_frames, granularity, results[granularity], flops, exact, peak))
+        if results.get("blocks") and results.get("diffusers"):  # the plain step may not fit
+            ratios = [now / then for now, then in zip(results["blocks"], results["diffusers"], strict=True)]
+            print("  blocks / diffusers: {:.2f}x time, {:.2f}x peak, {:.2f}x adds".format(*ratios))
     tmp.cleanup()
     settings = {
         "model": what,

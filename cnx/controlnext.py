@@ -17,7 +17,7 @@ Pitfall numbers refer to docs/pitfalls.md.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
+from cnx.checkpointing import check_granularity, checkpoint_whole_transformers
 from cnx.conditioning import DEFAULT_CONTROL_SCALE
+from cnx.options import DEFAULT_CHECKPOINTING
 
 CROSS_NORM_EPS = 1e-5  # keeps a constant (e.g. all-black) control map from dividing by zero
 
@@ -247,13 +249,23 @@ class ControlNeXtSVD(nn.Module):
         self.controlnext = controlnext
         self.eps = eps
 
-    def enable_gradient_checkpointing(self) -> None:
-        self.unet.enable_gradient_checkpointing()
-        self.controlnext.enable_gradient_checkpointing()
+    def enable_gradient_checkpointing(
+        self, granularity: str = DEFAULT_CHECKPOINTING, checkpoint_func: Callable | None = None
+    ) -> None:
+        """Recompute activations in backward; `granularity` as `cnx.checkpointing` describes.
+
+        checkpoint_func: diffusers' `gradient_checkpointing_func` (default: non-reentrant
+        torch.utils.checkpoint); the memory planner passes its counting stand-in.
+        """
+        whole = check_granularity(granularity) == "blocks"
+        self.unet.enable_gradient_checkpointing(checkpoint_func)
+        self.controlnext.enable_gradient_checkpointing(checkpoint_func)
+        checkpoint_whole_transformers(self.unet, whole)
 
     def disable_gradient_checkpointing(self) -> None:
         self.unet.disable_gradient_checkpointing()
         self.controlnext.disable_gradient_checkpointing()
+        checkpoint_whole_transformers(self.unet, False)
 
     def forward(
         self,

@@ -26,9 +26,10 @@ Measured:
   never the L x L matrix. With gradient checkpointing the count is what
   non-reentrant checkpointing keeps (the inputs of each checkpointed block and
   what runs outside them) plus the largest block's own saved tensors, recomputed
-  in backward: an upper bound on the backward peak. diffusers checkpoints SVD's
-  resnets and spatial transformer blocks but not its temporal transformer
-  blocks, which therefore hold most of SVD-xt's checkpointed activations.
+  in backward: an upper bound on the backward peak. `--checkpointing` picks
+  what is checkpointed (`cnx.checkpointing`): diffusers' own leaves SVD's
+  temporal transformer layers outside, and they hold most of SVD-xt's
+  checkpointed activations; `blocks` recomputes each transformer whole.
   Mixed precision is counted as the forward of a half-precision module, which is
   what DeepSpeed runs; under autocast the weights' half copies are a part of
   their own (on CPU the tiny model's autocast forward saved within 1% of
@@ -72,7 +73,7 @@ import torch
 
 from cnx import flags
 from cnx.flags import flag
-from cnx.options import TRAINABLE, WEIGHTS_DTYPES, weights_problems
+from cnx.options import CHECKPOINTING, DEFAULT_CHECKPOINTING, TRAINABLE, WEIGHTS_DTYPES, weights_problems
 from cnx.profiles import PROFILES, get_profile
 
 GiB = 2**30
@@ -108,6 +109,9 @@ class MemoryOptions:
     stochastic_rounding: bool = flag(False, "bf16 weights updated by stochastic rounding: no float32 master")
     use_ema: bool = flag(False, "keep an EMA copy of the trainable parameters")
     gradient_checkpointing: bool = flag(True, "recompute activations in backward")
+    checkpointing: str = flag(
+        DEFAULT_CHECKPOINTING, "what checkpointing recomputes, as `cnx train --checkpointing`", CHECKPOINTING
+    )
     per_gpu_batch_size: int = flag(1, "clips per GPU per micro-batch")
     sample_n_frames: int | None = flag(None, "frames per clip; default: the profile's")
     width: int | None = flag(None, "pixels, a multiple of 8; default: the profile's")
@@ -200,7 +204,9 @@ class MemoryPlan:
             engine = f"DeepSpeed ZeRO-{o.zero_stage}"
         bf16_update = "stochastic rounding" if o.stochastic_rounding else "float32 master"
         extras = [
-            "gradient checkpointing" if o.gradient_checkpointing else "no gradient checkpointing",
+            f"gradient checkpointing ({o.checkpointing})"
+            if o.gradient_checkpointing
+            else "no gradient checkpointing",
             *(["optimizer offload"] if o.offload_optimizer else []),
             *(["8-bit Adam"] if o.use_8bit_adam else []),
             *([f"bf16 weights ({bf16_update})"] if o.weights_dtype == "bf16" else []),
@@ -360,13 +366,17 @@ class FusedAttention(torch.overrides.TorchFunctionMode):
 
 
 def measure_saved(
-    model, clip: tuple[int, int, int, int], dtype: torch.dtype, checkpointing: bool
+    model,
+    clip: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    checkpointing: bool,
+    granularity: str = DEFAULT_CHECKPOINTING,
 ) -> SavedBytes:
     """What autograd keeps for backward after one training forward of `model` (a ControlNeXtSVD).
 
     clip: (B, F, H, W). Runs on the model's device (meta: shapes only) in `dtype`,
     with the inputs `cnx.step.training_step` gives it; sets the model's dtype and
-    checkpointing (with `SavedBytes.checkpoint` standing in for torch's).
+    checkpointing at `granularity` (with `SavedBytes.checkpoint` standing in for torch's).
     """
     batch_size, num_frames, height, width = clip
     device = next(model.parameters()).device
@@ -375,8 +385,7 @@ def measure_saved(
     model.to(dtype)
     saved = SavedBytes({p.untyped_storage()._cdata for p in model.parameters()})
     if checkpointing:
-        model.unet.enable_gradient_checkpointing(saved.checkpoint)
-        model.controlnext.enable_gradient_checkpointing(saved.checkpoint)
+        model.enable_gradient_checkpointing(granularity, saved.checkpoint)
     else:
         model.disable_gradient_checkpointing()
     with torch.device(device):
@@ -396,10 +405,14 @@ def measure_saved(
 
 
 def measure_activations(
-    model, clip: tuple[int, int, int, int], dtype: torch.dtype, checkpointing: bool
+    model,
+    clip: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    checkpointing: bool,
+    granularity: str = DEFAULT_CHECKPOINTING,
 ) -> int:
     """Activation bytes of one training step at clip (B, F, H, W): held plus the largest recompute."""
-    return measure_saved(model, clip, dtype, checkpointing).total
+    return measure_saved(model, clip, dtype, checkpointing, granularity).total
 
 
 @dataclass(frozen=True)
@@ -497,7 +510,7 @@ def plan_memory(options: MemoryOptions) -> MemoryPlan:
         **state_parts(o, model),
         frozen=state_bytes(frozen, dtype),
         batch=batch_bytes(clip),
-        activations=measure_activations(model, clip, dtype, o.gradient_checkpointing),
+        activations=measure_activations(model, clip, dtype, o.gradient_checkpointing, o.checkpointing),
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     if o.gpu_memory_gb is None:
@@ -521,7 +534,8 @@ def max_frames(plan: MemoryPlan, model, dtype: torch.dtype) -> int:
         if frames == o.sample_n_frames:
             return plan.total_bytes
         clip = (o.per_gpu_batch_size, frames, o.height, o.width)
-        return fixed + batch_bytes(clip) + measure_activations(model, clip, dtype, o.gradient_checkpointing)
+        activations = measure_activations(model, clip, dtype, o.gradient_checkpointing, o.checkpointing)
+        return fixed + batch_bytes(clip) + activations
 
     f0, f1 = o.sample_n_frames, 2 * o.sample_n_frames
     line = AffineFit.through(f0, total(f0), f1, total(f1))

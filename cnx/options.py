@@ -39,6 +39,8 @@ DEFAULT_CONDITIONING_DROPOUT_PROB = 0.1  # = cnx.conditioning.DEFAULT_CONDITIONI
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 TRAINABLE = ("full", "selective", "lora", "controlnext")
 WEIGHTS_DTYPES = ("fp32", "bf16")
+CHECKPOINTING = ("blocks", "diffusers")  # what --gradient_checkpointing recomputes (cnx.checkpointing)
+DEFAULT_CHECKPOINTING = "blocks"  # measured by `cnx plan-memory`: the lighter, at a little recomputation
 SECRET_FIELDS = ("hub_token",)  # never written to training_options.json or a launch command
 
 # The original script's other dataset (webvid) and its prompt: flag -> what to use instead.
@@ -120,6 +122,12 @@ class TrainingOptions:
     )
     use_ema: bool = flag(False, "keep an EMA of the trained weights and save it (pitfall 6)")
     gradient_checkpointing: bool = flag(False, "recompute activations in backward to save memory")
+    checkpointing: str = flag(
+        DEFAULT_CHECKPOINTING,
+        "what --gradient_checkpointing recomputes (cnx.checkpointing): blocks = each of the UNet's "
+        "spatio-temporal transformers whole; diffusers = diffusers' own (temporal activations stored)",
+        CHECKPOINTING,
+    )
     mixed_precision: str = flag(
         "no",
         "accelerate's mixed precision; sigmas and the loss stay float32 (pitfall 11)",

@@ -213,7 +213,7 @@ def build_models(options, device, weight_dtype: torch.dtype):
             print("cnx train: xformers is not installed; attention uses PyTorch SDPA", file=sys.stderr)
     model = ControlNeXtSVD(unet, controlnext)
     if options.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing(options.checkpointing)
     for frozen in (vae, image_encoder):
         frozen.requires_grad_(False).eval().to(device)
         if frozen.dtype != weight_dtype:  # diffusers warns on every `to(dtype)`, even a no-op

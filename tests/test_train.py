@@ -308,6 +308,7 @@ def test_the_original_readme_command_trains_validates_checkpoints_and_exports(ti
     assert {t.dtype for t in weights.values()} == {torch.float32}
     options = json.loads((tmp_path / "checkpoint-2" / "training_options.json").read_text())
     assert options["mixed_precision"] == "bf16" and options["num_train_epochs"] == 6000
+    assert options["gradient_checkpointing"] and options["checkpointing"] == "blocks"  # cnx's default
     assert (tmp_path / "final" / "controlnext" / "config.json").is_file()
 
 
