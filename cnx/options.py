@@ -115,10 +115,10 @@ class TrainingOptions:
     )
     allow_tf32: bool = flag(False, "allow TF32 matmuls on Ampere and newer GPUs")
     enable_xformers_memory_efficient_attention: bool = flag(False, "use xformers attention")
-    latent_cache_mb: int = flag(
-        0,
-        "keep up to this many MiB of VAE posteriors per process in host memory, one per distinct frame, "
-        "so a frame is encoded once (fixed videos, fixed crops: small datasets); 0: encode every step",
+    latent_cache_dir: str | None = flag(
+        None,
+        "read each clip's VAE posteriors (and the reference's CLIP embedding) from this `cnx cache-latents` "
+        "folder instead of encoding the frames every step; refused if built for another model, size or data",
     )
     video_cache_mb: int = flag(
         0,
@@ -192,7 +192,6 @@ class TrainingOptions:
         for name in (
             "lr_warmup_steps",
             "num_workers",
-            "latent_cache_mb",
             "video_cache_mb",
             "num_validation_images",
         ):
