@@ -316,12 +316,17 @@ def build_cache(
                     "pass --overwrite to replace it, or give another --cache_dir"
                 )
             shutil.rmtree(cache_dir / SHARDS, ignore_errors=True)
-    elif cache_dir.exists() and any(cache_dir.iterdir()) and not overwrite:
+    elif (
+        cache_dir.exists() and any(not p.name.startswith(".") for p in cache_dir.iterdir()) and not overwrite
+    ):
         raise LatentCacheError(
             f"{cache_dir}: not empty and not a latent cache; pass --overwrite or another folder"
         )
-    (cache_dir / SHARDS).mkdir(parents=True, exist_ok=True)
-    _write_json(manifest_path, manifest)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(
+        manifest_path, manifest
+    )  # first: a second build started now finds a cache, not a stray folder
+    (cache_dir / SHARDS).mkdir(exist_ok=True)
 
     todo = []  # entries whose shard is missing, incomplete or stale
     for entry in entries:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from cnx import memory
 from cnx.data import ClipDataset
 from cnx.latent_cache import (
     CachedClipDataset,
@@ -26,6 +27,7 @@ from cnx.profiles import DATA_SAMPLES
 from cnx.step import Objective, build_models, step_generator, training_step
 
 WIDTH, HEIGHT, FRAMES = 64, 96, 4
+CACHED = ("latent_parameters", "reference_embedding")  # what a cached batch holds instead of pixel_values
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +87,12 @@ def test_a_cached_step_reads_what_an_uncached_one_encodes_and_has_its_loss(
     batches = [torch.utils.data.default_collate([x]) for x in (item, from_cache)]
     losses = [training_step(models, b, objective, step_generator(0, 0, 1, 0)).loss for b in batches]
     assert torch.equal(*losses)
+
+    # `cnx plan-memory --latent_cache` counts the batch this step moves to the device.
+    shared = ("pose_frames", "hand_weights", "reference_image")
+    clip, latents = (1, FRAMES, HEIGHT, WIDTH), (4, embedding.shape[-1])
+    for batch, keys, cache in ((batches[0], ("pixel_values",), None), (batches[1], CACHED, latents)):
+        assert memory.batch_bytes(clip, cache) == sum(4 * batch[k].numel() for k in (*shared, *keys))
 
     # FLOPs: the VAE encoder runs on the reference alone (1 frame), not on F + 1.
     def encoder_flops(batch):

@@ -241,7 +241,6 @@ def test_help_flag_prints_and_exits_0(capsys):
         (["--validation_steps=-5"], "--validation_steps must be at least 1, got -5"),
         (["--checkpoints_total_limit=0"], "--checkpoints_total_limit must be at least 1, got 0"),
         (["--decode_chunk_size=0"], "--decode_chunk_size must be at least 1, got 0"),
-        (["--latent_cache_mb=-1"], "--latent_cache_mb must be 0 or more, got -1"),
         (
             ["--conditioning_dropout_prob=1.5"],
             "--conditioning_dropout_prob is a probability: it must be in [0, 1]",
