@@ -132,24 +132,40 @@ def _differences(found: dict, expected: dict) -> list[str]:
     words = []
     if found.get("format") != expected["format"]:
         return [f"its format is {found.get('format')}, this cnx reads {expected['format']}"]
-    if (found["width"], found["height"]) != (expected["width"], expected["height"]):
+    if (found.get("width"), found.get("height")) != (expected["width"], expected["height"]):
         words.append(
             f"it was built at {found['width']}x{found['height']}, "
             f"this run trains at {expected['width']}x{expected['height']}"
         )
-    if found["vae"] != expected["vae"]:
+    if found.get("vae") != expected["vae"]:
         words.append(
             f"it was built with another VAE (files {found['vae'][:12]}, this run's {expected['vae'][:12]})"
         )
-    if expected["image_encoder"] and found["image_encoder"] not in (None, expected["image_encoder"]):
+    if expected["image_encoder"] and found.get("image_encoder") not in (None, expected["image_encoder"]):
         words.append("its CLIP embeddings come from another image encoder")
-    if found["meta_info"] != expected["meta_info"]:
+    if found.get("meta_info") != expected["meta_info"]:
         words.append("it was built for another meta_info.json (its list of videos differs)")
     return words
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing
+
+
+def read_manifest(cache_dir: Path) -> dict | None:
+    """A cache folder's manifest, None when there is none; a damaged one is refused in one line."""
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LatentCacheError(
+            f"{path}: not a latent cache manifest ({err}); rebuild with --overwrite"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise LatentCacheError(f"{path}: not a latent cache manifest; rebuild with --overwrite")
+    return manifest
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -306,8 +322,8 @@ def build_cache(
         "entries": len(entries),
     }
     manifest_path = cache_dir / MANIFEST
-    if manifest_path.is_file():
-        found = json.loads(manifest_path.read_text())
+    found = read_manifest(cache_dir)
+    if found is not None:
         if found != manifest:
             if not overwrite:
                 differs = _differences(found, identity) or ["its crop positions, dtype or embeddings differ"]
@@ -374,12 +390,11 @@ class LatentCache:
 
     def __init__(self, cache_dir: str | Path, expected: dict, entries):
         self.cache_dir = Path(cache_dir)
-        manifest_path = self.cache_dir / MANIFEST
-        if not manifest_path.is_file():
+        self.manifest = read_manifest(self.cache_dir)
+        if self.manifest is None:
             raise LatentCacheError(
                 f"{self.cache_dir}: no latent cache here (no {MANIFEST}); build it with cnx cache-latents"
             )
-        self.manifest = json.loads(manifest_path.read_text())
         differs = _differences(self.manifest, expected)
         if differs:
             raise LatentCacheError(
@@ -451,10 +466,8 @@ class CachedClipDataset(ClipDataset):
 def open_cache(options) -> LatentCache:
     """The cache `cnx train --latent_cache_dir` names, checked against the run's options (one line if not)."""
     entries = read_meta_info(options.meta_info_path)
-    manifest_path = Path(options.latent_cache_dir) / MANIFEST
-    embeddings = (
-        manifest_path.is_file() and json.loads(manifest_path.read_text()).get("image_encoder") is not None
-    )
+    manifest = read_manifest(Path(options.latent_cache_dir)) or {}
+    embeddings = manifest.get("image_encoder") is not None  # checked only when the run reads them
     expected = cache_identity(
         options.pretrained_model_name_or_path,
         options.revision,

@@ -47,7 +47,10 @@ UNSUPPORTED_FLAGS = {
         "cnx reads the ubc-style data list, use --meta_info_path",
     ),
     "validation_prompt": "SVD is conditioned on an image, not a prompt: use --validation_image",
+    "latent_cache_mb": "the in-memory latent cache is gone: build one on disk with `cnx cache-latents` "
+    "and pass --latent_cache_dir",
 }
+RETIRED_OPTIONS = ("latent_cache_mb",)  # read from older training_options.json files and ignored
 VALIDATION_FLAGS = ("validation_image_folder", "validation_image", "validation_control_folder")
 
 
@@ -245,6 +248,8 @@ class TrainingOptions:
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a json object of options, got {type(values).__name__}")
         hints = typing.get_type_hints(cls)
+        for name in RETIRED_OPTIONS:  # an older run's options still load (its checkpoints, notebook 05)
+            values.pop(name, None)
         unknown = sorted(set(values) - set(hints))
         if unknown:
             raise ValueError(
