@@ -206,7 +206,7 @@ class BuildSummary:
     bytes: int  # size of the cache's shards
 
 
-def _load_frozen(source: str, revision: str | None, device, embeddings: bool):
+def load_encoders(source: str, revision: str | None, device, embeddings: bool):
     """The VAE (and image encoder, feature extractor) in float32 on `device`, as `cnx.step` runs them."""
     from diffusers import AutoencoderKLTemporalDecoder
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
@@ -303,6 +303,7 @@ def build_cache(
     is written (last, atomically). A folder holding a cache for something else is refused unless
     `overwrite`, which empties it first.
     """
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from cnx import video
@@ -339,9 +340,7 @@ def build_cache(
             f"{cache_dir}: not empty and not a latent cache; pass --overwrite or another folder"
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(
-        manifest_path, manifest
-    )  # first: a second build started now finds a cache, not a stray folder
+    _write_json(manifest_path, manifest)  # first: a build started beside this one finds a cache
     (cache_dir / SHARDS).mkdir(exist_ok=True)
 
     todo = []  # entries whose shard is missing, incomplete or stale
@@ -352,7 +351,7 @@ def build_cache(
     summary = dict(built=len(todo), frames=0)
     if todo:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        vae, encoder, extractor = _load_frozen(source, revision, device, embeddings)
+        vae, encoder, extractor = load_encoders(source, revision, device, embeddings)
         chunk = encode_chunk_frames(device, 8)
         total = sum(video.container_info(e.video_path).num_frames for e in todo) * len(offsets)
         with tqdm(
@@ -363,9 +362,7 @@ def build_cache(
                 shard = encode_shard(entry, vae, encoder, extractor, width, height, offsets, chunk, bar)
                 tensors_path, marker_path = shard_paths(cache_dir, entry.index)
                 stored = {k: v.to(DTYPES[dtype]).contiguous() for k, v in shard["tensors"].items()}
-                from safetensors.torch import save_file
-
-                _write_atomic(tensors_path, lambda p, t=stored: save_file(t, str(p)))
+                _write_atomic(tensors_path, lambda p, t=stored: (save_file(t, str(p)), p.chmod(0o644)))
                 record = {
                     "video": stamp,
                     "frames": shard["frames"],
@@ -373,7 +370,9 @@ def build_cache(
                     "bytes": tensors_path.stat().st_size,
                 }
                 _write_json(marker_path, record)  # last: the shard is complete
-                summary["frames"] += shard["frames"] * len(shard["slots"])
+                positions = stored["parameters"].shape[1]  # offsets with the same window share one
+                bar.update(shard["frames"] * (len(offsets) - positions))
+                summary["frames"] += shard["frames"] * positions
     size = sum(p.stat().st_size for p in (cache_dir / SHARDS).glob("*.safetensors"))
     return BuildSummary(cache_dir, len(entries), summary["built"], summary["frames"], size)
 

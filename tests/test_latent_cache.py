@@ -18,6 +18,7 @@ from cnx.latent_cache import (
     LatentCacheError,
     build_cache,
     cache_identity,
+    load_encoders,
     open_cache,
     shard_paths,
 )
@@ -105,6 +106,34 @@ def test_a_cached_step_reads_what_an_uncached_one_encodes_and_has_its_loss(
     per_frame = sum(one.get_flop_counts()["Global"].values())
     assert per_frame > 0
     assert encoder_flops(batches[1]) == per_frame and encoder_flops(batches[0]) == (FRAMES + 1) * per_frame
+
+
+def test_random_crops_snap_to_the_cached_positions_and_read_back_their_own_windows(
+    tiny_svd_dir, dataset_dir, tmp_path
+):
+    """Square crops of a portrait video: three cached offsets, each the posterior of its own window."""
+    meta = tmp_path / "meta_info.json"
+    entry = json.loads((dataset_dir / "meta_info.json").read_text())[0]
+    meta.write_text(json.dumps([{key: str(dataset_dir / value) for key, value in entry.items()}]))
+    summary = build_cache(
+        tmp_path / "cache", meta, str(tiny_svd_dir), width=64, height=64, crop_positions=3, embeddings=False
+    )
+    assert summary.frames == 72 * 3
+    identity = cache_identity(str(tiny_svd_dir), None, meta, 64, 64, embeddings=False)
+    cache = LatentCache(tmp_path / "cache", identity, ClipDataset(meta, 64, 64, FRAMES, 3).entries)
+    assert cache.crop_offsets == (0.0, 0.5, 1.0)
+    cached = CachedClipDataset(cache, meta, 64, 64, FRAMES, 3)
+    plain = ClipDataset(meta, 64, 64, FRAMES, 3, crop_offsets=cache.crop_offsets)  # the same snapping
+    vae = load_encoders(str(tiny_svd_dir), None, torch.device("cpu"), embeddings=False)[0]
+    offsets = set()
+    for epoch in range(8):
+        item, from_cache = plain.sample(0, epoch), cached.sample(0, epoch)
+        assert item["crop_offset"] == from_cache["crop_offset"] in cache.crop_offsets
+        assert "reference_embedding" not in from_cache
+        encoded = video_posterior(vae, item["pixel_values"][None], chunk_size=1)[0]
+        assert torch.equal(from_cache["latent_parameters"], encoded)
+        offsets.add(item["crop_offset"])
+    assert len(offsets) > 1
 
 
 def test_a_killed_build_resumes_with_the_shard_it_did_not_finish(
