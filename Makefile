@@ -20,12 +20,15 @@ venv: $(BIN)/cnx
 # The main job, small: a run folder for the tiny profile (pretrained tiny SVD, the bundled dancers), then a
 # short CPU training run through it with validation, checkpoints and the final export; it ends by printing
 # where the validation grid and the loss curve (output/logs/loss.png) are. The data is checked with the
-# profile's clip settings. The validation video has 8 frames, the UNet's own clip length: one window of
+# profile's clip settings, and each frame encoded once into a latent cache (resumed, or kept, next time). The validation video has 8 frames, the UNet's own clip length: one window of
 # the sampler instead of the three that 14 frames take, a third of the sampling time.
 demo: venv
 	$(BIN)/cnx check-data --meta_info_path data_samples/meta_info.json --sample_n_frames 4 --interval_frame 3 \
 		--width 128 --height 192 --quiet
-	$(BIN)/cnx launch --profile tiny --runs_dir .cache/demo/runs --num_frames=8
+	$(BIN)/cnx cache-latents --meta_info_path data_samples/meta_info.json --width 128 --height 192 \
+		--pretrained_model_name_or_path data_samples/tiny_svd --cache_dir .cache/latent_cache/tiny
+	$(BIN)/cnx launch --profile tiny --runs_dir .cache/demo/runs --num_frames=8 \
+		--latent_cache_dir=$(CURDIR)/.cache/latent_cache/tiny
 
 lint: venv
 	$(BIN)/ruff check .

@@ -12,6 +12,10 @@ COMMANDS = {
     "samples": ("cnx.synth", "write synthetic dancer clips in the training data format"),
     "check-data": ("cnx.checks", "check every entry of a meta_info.json before training"),
     "build-meta": ("cnx.meta", "build a meta_info.json from folders of videos and pose videos"),
+    "cache-latents": (
+        "cnx.cache_latents",
+        "encode a dataset's frames once (VAE posteriors, CLIP embeddings)",
+    ),
     "train": ("cnx.train", "train ControlNeXt on SVD (the original command's flags; launch with accelerate)"),
     "generate": ("cnx.generate", "animate a reference image along poses with SVD and a trained ControlNeXt"),
     "validate": ("cnx.validate", "generate a validation folder's video and score it (metrics.json)"),

@@ -443,7 +443,11 @@ class ClipDataset(torch.utils.data.Dataset):
       reference_image (3, H, W) in [-1, 1]     the reference frame (augmented when ref_augment)
       hand_weights    (F, 1, H, W)             per-pixel loss weights, see `hand_weights`; frame 0 all ones
       frame_indices   (F,) source frames read; [0] is the reference
-      reference_index, interval, crop_box (4,) normalised x0, y0, x1, y1, video_path, guide_path, index
+      reference_index, interval, crop_box (4,) normalised x0, y0, x1, y1, crop_offset, video_path,
+      guide_path, index
+    Without `pixel_frames` only the reference frame of the RGB video is read and pixel_values is left
+    out: a latent cache (`cnx.latent_cache`) holds the clip's latents. `crop_offsets` snaps the random
+    crop offset to the nearest of these (a latent cache's crop positions); None: any offset in [0, 1].
 
     `deterministic=True` (validation): the same clip for the same index in every
     epoch, centred crop. Otherwise call `set_epoch(epoch)` before each epoch (as
@@ -469,6 +473,8 @@ class ClipDataset(torch.utils.data.Dataset):
         max_failure_fraction: float = 0.01,
         check: bool = True,
         video_cache_mb: int = 0,
+        crop_offsets: Sequence[float] | None = None,
+        pixel_frames: bool = True,
     ):
         self.meta_info_path = Path(meta_info_path)
         self.width, self.height = int(width), int(height)
@@ -476,6 +482,8 @@ class ClipDataset(torch.utils.data.Dataset):
         self.seed, self.deterministic, self.ref_augment = int(seed), bool(deterministic), bool(ref_augment)
         self.max_failure_fraction = float(max_failure_fraction)
         self.epoch = 0
+        self.crop_offsets = None if crop_offsets is None else tuple(float(x) for x in crop_offsets)
+        self.pixel_frames = bool(pixel_frames)
         self.videos = DecodedVideos(video_cache_mb * 2**20) if video_cache_mb > 0 else None
         if self.sample_n_frames < 1 or self.width < 1 or self.height < 1:
             raise ValueError("width, height and sample_n_frames must be positive")
@@ -573,16 +581,22 @@ class ClipDataset(torch.utils.data.Dataset):
         offset = _uniform(generator)
         if self.deterministic:
             offset = 0.5
+        if self.crop_offsets:  # the same draw, snapped: a run with and without a latent cache crop alike
+            offset = min(self.crop_offsets, key=lambda position: abs(position - offset))
 
         # One get_batch per video, frames in increasing order: decord then decodes forward without
         # seeking back (2-3x faster at 1080p than the clip's order, which puts the reference first).
         wanted = np.unique(clip.frame_indices)
         # wanted[order] == frame_indices
         order = torch.from_numpy(np.searchsorted(wanted, clip.frame_indices))
+        # Without pixel_frames the RGB video gives the reference frame alone (the pose video: every frame).
+        reads = (wanted if self.pixel_frames else np.array([clip.reference_index]), wanted)
         decoded = []
-        for (what, path), source, size, reader in zip(files, sizes, decoded_sizes, readers, strict=True):
+        for (what, path), source, size, reader, frames in zip(
+            files, sizes, decoded_sizes, readers, reads, strict=True
+        ):
             try:
-                decoded.append(self._read(reader, (str(path), size), size or source, wanted))
+                decoded.append(self._read(reader, (str(path), size), size or source, frames))
             except video.VideoReadError as err:
                 raise self._error(index, f"{what}: {path}: {err}", path) from err
         video_uint8, pose_uint8 = decoded  # (U, h, w, 3) and (U, h', w', 3) uint8 RGB, at decode size
@@ -603,7 +617,9 @@ class ClipDataset(torch.utils.data.Dataset):
             detections[0] = None  # frame 0 is the reference the model is given: no extra weight
 
         box = crop_window(src_width, src_height, self.width, self.height, offset)
-        pixels = crop_resize(video_uint8, box, self.width, self.height)[order]  # (F, 3, H, W) uint8
+        pixels = crop_resize(video_uint8, box, self.width, self.height)  # (U or 1, 3, H, W) uint8
+        if self.pixel_frames:
+            pixels = pixels[order]  # (F, 3, H, W)
         poses = crop_resize(pose_uint8, box, self.width, self.height)[order]  # (F, 3, H, W) uint8
         pixel_values = pixels.to(torch.float32).div_(127.5).sub_(1.0)  # in place: no extra 37M-value copies
         pose_frames = poses.to(torch.float32).div_(255.0)
@@ -615,7 +631,7 @@ class ClipDataset(torch.utils.data.Dataset):
         if self.ref_augment:  # the target frame 0 stays the true frame; only the conditioning input moves
             augmented, _ = augment_reference((reference_image + 1.0) / 2.0, generator)
             reference_image = augmented * 2.0 - 1.0
-        return {
+        item = {
             "pixel_values": pixel_values,
             "pose_frames": pose_frames,
             "reference_image": reference_image,
@@ -624,10 +640,14 @@ class ClipDataset(torch.utils.data.Dataset):
             "reference_index": clip.reference_index,
             "interval": clip.interval,
             "crop_box": torch.tensor(box, dtype=torch.float32),
+            "crop_offset": offset,
             "video_path": str(entry.video_path),
             "guide_path": str(entry.guide_path),
             "index": index,
         }
+        if not self.pixel_frames:
+            del item["pixel_values"]
+        return item
 
 
 __all__ = [

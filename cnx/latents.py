@@ -15,8 +15,6 @@ through the VAE encoder at once.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 import torch.nn.functional as F
 
@@ -27,19 +25,11 @@ CLIP_SIZE = 224  # SVD-xt's image encoder takes 224x224 images
 
 
 @torch.no_grad()
-def encode_video_latents(
-    vae,
-    pixel_values: torch.Tensor,
-    chunk_size: int | None = None,
-    generator: torch.Generator | None = None,
-    cache: FrameLatentCache | None = None,
-) -> torch.Tensor:
-    """(B, F, C, h, w) latents of (B, F, 3, H, W) frames in [-1, 1], times the VAE's scaling_factor.
+def video_posterior(vae, pixel_values: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """(B, F, 2C, h, w) VAE posterior parameters (mean, log-variance) of (B, F, 3, H, W) frames in [-1, 1].
 
-    `chunk_size` frames go through the encoder at a time (None: all at once).
-    Without a generator the posterior's mode is returned; with one, a sample
-    mean + std * noise, the noise drawn once for the whole clip so chunking
-    never changes the result. With a `cache`, frames it has seen are not encoded again.
+    `chunk_size` frames go through the encoder at a time (None: all at once). What a latent
+    cache (`cnx.latent_cache`) stores per frame, so `sample_posterior` of either is the same.
     """
     if pixel_values.ndim != 5 or pixel_values.shape[2] != 3:
         raise ValueError(f"pixel_values must be (B, F, 3, H, W), got {tuple(pixel_values.shape)}")
@@ -48,18 +38,46 @@ def encode_video_latents(
     step = chunk_size or frames.shape[0]
     if step < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    means, stds = [], []
+    parameters = []
     for start in range(0, frames.shape[0], step):
         chunk = frames[start : start + step].to(device=vae.device, dtype=vae.dtype)
-        posterior = cache.posterior(vae, chunk) if cache is not None else vae.encode(chunk).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
-    latents = torch.cat(means)  # (B*F, C, h, w)
+        parameters.append(vae.encode(chunk).latent_dist.parameters)  # (N, 2C, h, w)
+    parameters = torch.cat(parameters)
+    return parameters.reshape(batch, num_frames, *parameters.shape[1:])
+
+
+def sample_posterior(
+    parameters: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B, F, C, h, w) latents from (B, F, 2C, h, w) posterior parameters, times the VAE's scaling_factor.
+
+    Without a generator the posterior's mode; with one, a sample mean + std * noise, the noise
+    drawn once for the whole clip (so neither chunking nor a cache changes the draw).
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    batch, num_frames = parameters.shape[:2]
+    posterior = DiagonalGaussianDistribution(parameters.flatten(0, 1))  # (B*F, 2C, h, w)
+    latents = posterior.mean
     if generator is not None:
         noise = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=latents.dtype)
-        latents = latents + torch.cat(stds) * noise.to(latents.device)
-    latents = latents * vae.config.scaling_factor
+        latents = latents + posterior.std * noise.to(latents.device)
+    latents = latents * scaling_factor
     return latents.reshape(batch, num_frames, *latents.shape[1:])
+
+
+def encode_video_latents(
+    vae,
+    pixel_values: torch.Tensor,
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B, F, C, h, w) latents of (B, F, 3, H, W) frames in [-1, 1], times the VAE's scaling_factor.
+
+    `video_posterior` then `sample_posterior`: the mode without a generator, a sample with one.
+    """
+    parameters = video_posterior(vae, pixel_values, chunk_size)
+    return sample_posterior(parameters, vae.config.scaling_factor, generator)
 
 
 def channels_last_on_cpu(vae):
@@ -80,59 +98,6 @@ def channels_last_on_cpu(vae):
 def encode_chunk_frames(device: torch.device, default: int) -> int:
     """Frames per VAE encoder call: one on a CPU, whose caches hold a frame's activations, not eight's."""
     return 1 if torch.device(device).type == "cpu" else default
-
-
-class FrameLatentCache:
-    """The frozen VAE's posterior of each distinct frame, computed once.
-
-    Training on fixed videos at a fixed crop shows the encoder the same frames again and
-    again (`data_samples`: 576 frames; a 600-step tiny run encodes 2400), and on a tiny model
-    the encoder is most of a step. A frame is keyed by its pixels' bytes, so a frame that an
-    augmentation changed is a miss, never a wrong hit. Misses are encoded one frame at a time:
-    a frame's posterior then does not depend on the frames beside it in the batch (batched
-    convolutions differ in the last bits), so a resumed run repeats an uninterrupted one.
-    Entries live in host memory and stop being added at `max_bytes`.
-    """
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.bytes = max_bytes, 0
-        self.entries: dict[bytes, torch.Tensor] = {}  # key -> (2C, h, w) posterior parameters
-        self.hits = self.misses = 0
-
-    @staticmethod
-    def key(frame: torch.Tensor) -> bytes:
-        """A digest of the frame's shape, dtype and bytes."""
-        data = frame.detach().cpu().contiguous()
-        digest = hashlib.blake2b(f"{tuple(data.shape)} {data.dtype}".encode(), digest_size=20)
-        digest.update(data.view(torch.uint8).numpy().tobytes())  # any dtype, bfloat16 included
-        return digest.digest()
-
-    def posterior(self, vae, frames: torch.Tensor):
-        """The VAE posterior (a diffusers DiagonalGaussianDistribution) of (N, 3, H, W) frames."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        parameters = []
-        for frame in frames:
-            key = self.key(frame)
-            found = self.entries.get(key)
-            if found is None:
-                self.misses += 1
-                found = vae.encode(frame[None]).latent_dist.parameters[0]  # (2C, h, w)
-                size = found.numel() * found.element_size()
-                if self.bytes + size <= self.max_bytes:
-                    self.entries[key] = found.cpu()  # host memory: the GPU's stays the memory plan's
-                    self.bytes += size
-            else:
-                self.hits += 1
-            parameters.append(found.to(frames.device))
-        return DiagonalGaussianDistribution(torch.stack(parameters))
-
-    def summary(self) -> str:
-        seen = self.hits + self.misses
-        return (
-            f"latent cache: {len(self.entries)} frames, {self.bytes / 2**20:.1f} MiB, "
-            f"{self.hits} of {seen} encodes saved ({self.hits / max(seen, 1):.0%})"
-        )
 
 
 @torch.no_grad()

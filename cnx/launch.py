@@ -58,7 +58,6 @@ PROFILE_FLAGS = {
         "num_frames": 14,
         "use_ema": True,
         "num_workers": 0,
-        "latent_cache_mb": 64,  # data_samples' 576 frames take 7 MiB: each is encoded once, not every step
         "video_cache_mb": 128,  # data_samples' 16 videos decoded take 81 MiB: each is decoded once
     },
     # The original README's command.
@@ -228,6 +227,7 @@ PATH_FLAGS = (
     "validation_image",
     "controlnet_model_name_or_path",
     "unet_model_name_or_path",
+    "latent_cache_dir",
 )
 
 

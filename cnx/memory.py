@@ -14,7 +14,11 @@ Exact (tests compare them with the real tensors of a tiny training step):
 - optimizer: AdamW's two float32 moments per trainable parameter. Its per-tensor
   `step` counters live on the CPU (torch's non-fused AdamW), so they are CPU bytes;
 - frozen: the VAE and the CLIP image encoder in the weight dtype;
-- batch: pixel_values, pose_frames, hand_weights and reference_image in float32.
+- batch: pixel_values, pose_frames, hand_weights and reference_image in float32. With
+  `latent_cache` (`cnx train --latent_cache_dir`) the clip's posterior parameters (B, F, 2C, h, w)
+  and the reference's CLIP embedding replace pixel_values: 1/24 of its bytes. The frozen weights
+  stay: the VAE encoder still encodes the noise-augmented reference, the image encoder serves
+  validation (and the reference under --ref_augment), the decoder validation.
 Measured:
 - activations: the bytes autograd saves for backward (unique storages, weights
   excluded) in one training forward of UNet + ControlNeXt, counted with
@@ -56,7 +60,8 @@ Modelled (not tested here: no DeepSpeed run on GPUs):
   for bf16 weights, whose EMA the trainer keeps in float32.
 Not counted: the CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation,
 the gradients of activations alive during backward and the VAE's chunked
-no-grad encoding before the forward: `reserve_gb` (default 2) stands for them.
+no-grad encoding before the forward (freed before the UNet's forward, so off the peak; a latent
+cache leaves one frame of it): `reserve_gb` (default 2) stands for them.
 """
 
 from __future__ import annotations
@@ -112,6 +117,7 @@ class MemoryOptions:
     checkpointing: str = flag(
         DEFAULT_CHECKPOINTING, "what checkpointing recomputes, as `cnx train --checkpointing`", CHECKPOINTING
     )
+    latent_cache: bool = flag(False, "train from a latent cache: the batch holds posteriors, not pixels")
     per_gpu_batch_size: int = flag(1, "clips per GPU per micro-batch")
     sample_n_frames: int | None = flag(None, "frames per clip; default: the profile's")
     width: int | None = flag(None, "pixels, a multiple of 8; default: the profile's")
@@ -211,6 +217,7 @@ class MemoryPlan:
             *(["8-bit Adam"] if o.use_8bit_adam else []),
             *([f"bf16 weights ({bf16_update})"] if o.weights_dtype == "bf16" else []),
             *(["EMA"] if o.use_ema else []),
+            *(["latent cache"] if o.latent_cache else []),
         ]
         lines = [
             f"{o.profile} profile, trainable {o.trainable} ({self.trainable_parameters:,} parameters), "
@@ -435,11 +442,27 @@ class AffineFit:
 # The plan
 
 
-def batch_bytes(clip: tuple[int, int, int, int]) -> int:
+def batch_bytes(clip: tuple[int, int, int, int], latents: tuple[int, int] | None = None) -> int:
     """The collated batch on the GPU in float32: pixel_values and pose_frames (B, F, 3, H, W),
-    hand_weights (B, F, 1, H, W), reference_image (B, 3, H, W)."""
+    hand_weights (B, F, 1, H, W), reference_image (B, 3, H, W).
+
+    `latents` (C, D) for a latent cache's batch: latent_parameters (B, F, 2C, H/8, W/8) and
+    reference_embedding (B, 1, D) instead of pixel_values.
+    """
     batch_size, num_frames, height, width = clip
-    return 4 * batch_size * height * width * (7 * num_frames + 3)
+    if latents is None:
+        return 4 * batch_size * height * width * (7 * num_frames + 3)
+    channels, embedding_dim = latents
+    parameters = num_frames * 2 * channels * (height // 8) * (width // 8)
+    return 4 * batch_size * (height * width * (4 * num_frames + 3) + parameters + embedding_dim)
+
+
+def cached_latents(options: MemoryOptions, frozen) -> tuple[int, int] | None:
+    """(latent channels, CLIP embedding size) when the options train from a latent cache, else None."""
+    if not options.latent_cache:
+        return None
+    vae, image_encoder = frozen
+    return vae.config.latent_channels, image_encoder.config.projection_dim
 
 
 def state_parts(o: MemoryOptions, model) -> dict[str, int]:
@@ -509,7 +532,7 @@ def plan_memory(options: MemoryOptions) -> MemoryPlan:
         options=o,
         **state_parts(o, model),
         frozen=state_bytes(frozen, dtype),
-        batch=batch_bytes(clip),
+        batch=batch_bytes(clip, cached_latents(o, frozen)),
         activations=measure_activations(model, clip, dtype, o.gradient_checkpointing, o.checkpointing),
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
@@ -528,6 +551,7 @@ def max_frames(plan: MemoryPlan, model, dtype: torch.dtype) -> int:
     o = plan.options
     budget = (o.gpu_memory_gb - o.reserve_gb) * GiB
     fixed = plan.total_bytes - plan.batch - plan.activations
+    latents = cached_latents(o, meta_models(o.profile, o.trainable, o.rank)[1])
 
     @functools.cache
     def total(frames: int) -> int:
@@ -535,7 +559,7 @@ def max_frames(plan: MemoryPlan, model, dtype: torch.dtype) -> int:
             return plan.total_bytes
         clip = (o.per_gpu_batch_size, frames, o.height, o.width)
         activations = measure_activations(model, clip, dtype, o.gradient_checkpointing, o.checkpointing)
-        return fixed + batch_bytes(clip) + activations
+        return fixed + batch_bytes(clip, latents) + activations
 
     f0, f1 = o.sample_n_frames, 2 * o.sample_n_frames
     line = AffineFit.through(f0, total(f0), f1, total(f1))

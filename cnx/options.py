@@ -50,7 +50,10 @@ UNSUPPORTED_FLAGS = {
         "cnx reads the ubc-style data list, use --meta_info_path",
     ),
     "validation_prompt": "SVD is conditioned on an image, not a prompt: use --validation_image",
+    "latent_cache_mb": "the in-memory latent cache is gone: build one on disk with `cnx cache-latents` "
+    "and pass --latent_cache_dir",
 }
+RETIRED_OPTIONS = ("latent_cache_mb",)  # read from older training_options.json files and ignored
 VALIDATION_FLAGS = ("validation_image_folder", "validation_image", "validation_control_folder")
 
 
@@ -135,10 +138,10 @@ class TrainingOptions:
     )
     allow_tf32: bool = flag(False, "allow TF32 matmuls on Ampere and newer GPUs")
     enable_xformers_memory_efficient_attention: bool = flag(False, "use xformers attention")
-    latent_cache_mb: int = flag(
-        0,
-        "keep up to this many MiB of VAE posteriors per process in host memory, one per distinct frame, "
-        "so a frame is encoded once (fixed videos, fixed crops: small datasets); 0: encode every step",
+    latent_cache_dir: str | None = flag(
+        None,
+        "read each clip's VAE posteriors (and the reference's CLIP embedding) from this `cnx cache-latents` "
+        "folder instead of encoding the frames every step; refused if built for another model, size or data",
     )
     video_cache_mb: int = flag(
         0,
@@ -212,7 +215,6 @@ class TrainingOptions:
         for name in (
             "lr_warmup_steps",
             "num_workers",
-            "latent_cache_mb",
             "video_cache_mb",
             "num_validation_images",
         ):
@@ -269,6 +271,8 @@ class TrainingOptions:
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a json object of options, got {type(values).__name__}")
         hints = typing.get_type_hints(cls)
+        for name in RETIRED_OPTIONS:  # an older run's options still load (its checkpoints, notebook 05)
+            values.pop(name, None)
         unknown = sorted(set(values) - set(hints))
         if unknown:
             raise ValueError(

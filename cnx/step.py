@@ -21,12 +21,12 @@ import torch
 
 from cnx import conditioning, edm
 from cnx.latents import (
-    FrameLatentCache,
     channels_last_on_cpu,
     embed_reference,
     encode_chunk_frames,
     encode_reference,
-    encode_video_latents,
+    sample_posterior,
+    video_posterior,
 )
 from cnx.seeding import stream_generator
 
@@ -42,7 +42,6 @@ class Models:
     feature_extractor: object
     model: torch.nn.Module  # cnx.controlnext.ControlNeXtSVD, possibly wrapped by accelerate
     weight_dtype: torch.dtype  # of the frozen models and the forward pass
-    latent_cache: FrameLatentCache | None = None  # --latent_cache_mb: each frame's posterior, once
     encode_chunk: int = VAE_CHUNK_FRAMES  # frames per VAE encoder call (`build_models`: 1 on a CPU)
 
 
@@ -79,7 +78,8 @@ def training_step(
 
     batch: `cnx.data.ClipDataset` items collated: pixel_values (B, F, 3, H, W) in [-1, 1],
     pose_frames (B, F, 3, H, W) in [0, 1], reference_image (B, 3, H, W), hand_weights
-    (B, F, 1, H, W).
+    (B, F, 1, H, W). From a latent cache (`cnx.latent_cache.CachedClipDataset`) latent_parameters
+    (B, F, 2C, h, w) replace pixel_values, and reference_embedding (B, 1, D) may come too.
     """
     latents, reference_latents, embeddings = _encode(models, batch, generator)
     batch_size = latents.shape[0]
@@ -114,14 +114,18 @@ def _encode(models: Models, batch: dict, generator: torch.Generator):
     noise augmentation draw from `generator`.
     """
     device = models.vae.device
-    pixels = batch["pixel_values"].to(device)
     reference = batch["reference_image"].to(device)
-    latents = encode_video_latents(
-        models.vae, pixels, models.encode_chunk, generator, models.latent_cache
-    ).float()
+    if "latent_parameters" in batch:  # a latent cache's posteriors: no VAE encoder call for the clip
+        parameters = batch["latent_parameters"].to(device, models.vae.dtype)
+    else:
+        parameters = video_posterior(models.vae, batch["pixel_values"].to(device), models.encode_chunk)
+    latents = sample_posterior(parameters, models.vae.config.scaling_factor, generator).float()
     noisy_reference = conditioning.noise_augment_reference(reference, generator)
-    reference_latents = encode_reference(models.vae, noisy_reference).float()
-    embeddings = embed_reference(models.image_encoder, reference, models.feature_extractor).float()
+    reference_latents = encode_reference(models.vae, noisy_reference).float()  # one frame per clip
+    if "reference_embedding" in batch:  # cached: the reference is the un-augmented frame
+        embeddings = batch["reference_embedding"].to(device).float()
+    else:
+        embeddings = embed_reference(models.image_encoder, reference, models.feature_extractor).float()
     return latents, reference_latents, embeddings
 
 
@@ -219,6 +223,5 @@ def build_models(options, device, weight_dtype: torch.dtype):
         if frozen.dtype != weight_dtype:  # diffusers warns on every `to(dtype)`, even a no-op
             frozen.to(weight_dtype)
     channels_last_on_cpu(vae)
-    cache = FrameLatentCache(options.latent_cache_mb * 2**20) if options.latent_cache_mb else None
     chunk = encode_chunk_frames(device, VAE_CHUNK_FRAMES)
-    return Models(vae, image_encoder, feature_extractor, model, weight_dtype, cache, chunk), scheduler
+    return Models(vae, image_encoder, feature_extractor, model, weight_dtype, chunk), scheduler

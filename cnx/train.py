@@ -295,17 +295,24 @@ def train(options) -> Path:
             )
 
     # Data: checked up front (cnx check-data's cheap checks), never shuffled by the dataset itself.
-    dataset = ClipDataset(
-        options.meta_info_path,
-        options.width,
-        options.height,
-        options.sample_n_frames,
-        options.interval_frame,
+    # With a latent cache (checked against these options first) the clip's frames are not decoded.
+    dataset_args = (options.meta_info_path, options.width, options.height)
+    dataset_args += (options.sample_n_frames, options.interval_frame)
+    dataset_kwargs = dict(
         seed=options.seed,
         ref_augment=options.ref_augment,
         max_failure_fraction=options.max_bad_sample_fraction,
         video_cache_mb=options.video_cache_mb,
     )
+    if options.latent_cache_dir:
+        from cnx.latent_cache import CachedClipDataset, describe, open_cache
+
+        cache = open_cache(options)
+        dataset = CachedClipDataset(cache, *dataset_args, **dataset_kwargs)
+        if main:
+            print(describe(cache, options.ref_augment))
+    else:
+        dataset = ClipDataset(*dataset_args, **dataset_kwargs)
     per_epoch = batches_per_epoch(len(dataset), world, options.per_gpu_batch_size)
     steps_per_epoch = max(1, per_epoch // options.gradient_accumulation_steps)
     total_steps = options.max_train_steps or options.num_train_epochs * steps_per_epoch
@@ -439,8 +446,6 @@ def train(options) -> Path:
             f"done: {step} steps; this run {elapsed:.1f} s, {rate:.2f} samples/s, peak memory {peak:.2f} GiB,"
             f" outputs in {output_dir} (final/, logs/)"
         )
-        if models.latent_cache is not None:
-            print(models.latent_cache.summary())
     accelerator.end_training()
     return output_dir
 

@@ -1,7 +1,6 @@
 """cnx.latents: what a training step and the sampler feed SVD, checked against diffusers' pipeline."""
 
 import copy
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -12,12 +11,13 @@ from PIL import Image
 from cnx.latents import (
     CLIP_MEAN,
     CLIP_STD,
-    FrameLatentCache,
     channels_last_on_cpu,
     embed_reference,
     encode_chunk_frames,
     encode_reference,
     encode_video_latents,
+    sample_posterior,
+    video_posterior,
 )
 
 
@@ -45,57 +45,32 @@ def test_chunked_and_unchunked_video_latents_agree(pipe):
     assert not torch.allclose(sampled[0], whole)
 
 
-@pytest.mark.parametrize("cached", [False, True])
-def test_video_latents_are_scaled_by_this_vaes_own_factor(pipe, cached):
+def test_video_latents_are_scaled_by_this_vaes_own_factor(pipe):
     """Not SD's 0.18215 (the stand-in VAE's value, which hides a hard-coded constant): the shipped tiny
     SVD's VAE has 2.75585, measured on its own latents (`cnx pretrain-tiny`)."""
     vae = copy.deepcopy(pipe.vae)
     vae.register_to_config(scaling_factor=2.75585)
     pixels = torch.rand(1, 2, 3, 48, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
-    cache = FrameLatentCache(max_bytes=2**20) if cached else None
-    latents = encode_video_latents(vae, pixels, None, None, cache)  # (1, 2, C, h, w)
+    latents = encode_video_latents(vae, pixels)  # (1, 2, C, h, w)
     with torch.no_grad():
         mode = vae.encode(pixels[0]).latent_dist.mode()  # (2, C, h, w)
     torch.testing.assert_close(latents[0], mode * 2.75585)
 
 
-def test_the_latent_cache_encodes_each_distinct_frame_once_and_changes_no_latent(pipe):
-    g = torch.Generator().manual_seed(0)
-    pixels = torch.rand(2, 3, 3, 48, 32, generator=g) * 2 - 1  # (B, F, 3, H, W)
-    cache = FrameLatentCache(max_bytes=2**20)
-    with mock.patch.object(pipe.vae, "encode", wraps=pipe.vae.encode) as encode:
-        first = encode_video_latents(pipe.vae, pixels, 4, torch.Generator().manual_seed(1), cache)
-        assert (cache.misses, cache.hits, encode.call_count) == (6, 0, 6)  # one frame at a time
-        again = encode_video_latents(pipe.vae, pixels, 4, torch.Generator().manual_seed(1), cache)
-        assert (cache.misses, cache.hits, encode.call_count) == (6, 6, 6)  # nothing encoded again
-    assert torch.equal(again, first) and len(cache.entries) == 6
-    # The same latents as the VAE's own batched encoding, to float rounding.
-    torch.testing.assert_close(
-        first, encode_video_latents(pipe.vae, pixels, None, torch.Generator().manual_seed(1))
-    )
-    # A frame's posterior does not depend on its neighbours: frame (1, 2) beside a new frame, in a new
-    # cache, has the very bits it had in the first clip (as a resumed run needs).
+def test_a_frame_encoded_alone_has_the_same_posterior_beside_any_frames(pipe):
+    """One frame per encoder call (a CPU step, `cnx cache-latents`): a frame's posterior parameters are
+    the same bits whatever clip it is in, so a cached posterior is the one a step would compute."""
+    pixels = torch.rand(2, 3, 3, 48, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    parameters = video_posterior(pipe.vae, pixels, chunk_size=1)  # (B, F, 2C, h, w)
+    assert parameters.shape == (2, 3, 8, 6, 4)
     beside = torch.stack([torch.zeros_like(pixels[0, 0]), pixels[1, 2]])[None]  # (1, 2, 3, H, W)
-    alone = encode_video_latents(pipe.vae, beside, None, None, FrameLatentCache(2**20))[0, 1]
-    assert torch.equal(alone, encode_video_latents(pipe.vae, pixels, None, None, cache)[1, 2])
-    # One changed pixel is another frame: a miss, never a stale hit.
-    changed = pixels.clone()
-    changed[0, 0, 1, 5, 7] += 0.01
-    misses = cache.misses
-    encode_video_latents(pipe.vae, changed, None, None, cache)
-    assert cache.misses == misses + 1
-
-
-def test_a_full_latent_cache_stops_storing_but_keeps_encoding(pipe):
-    pixels = torch.rand(1, 4, 3, 48, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    entry = 2 * 4 * 6 * 4 * 4  # (2C, h, w) float32 parameters of one 48x32 frame
-    cache = FrameLatentCache(max_bytes=2 * entry + entry // 2)
-    latents = encode_video_latents(pipe.vae, pixels, None, None, cache)
-    assert len(cache.entries) == 2 and cache.bytes == 2 * entry <= cache.max_bytes
-    torch.testing.assert_close(latents, encode_video_latents(pipe.vae, pixels))
-    encode_video_latents(pipe.vae, pixels, None, None, cache)
-    assert (cache.hits, cache.misses) == (2, 6)
-    assert "2 frames" in cache.summary() and "2 of 8 encodes saved (25%)" in cache.summary()
+    assert torch.equal(video_posterior(pipe.vae, beside, chunk_size=1)[0, 1], parameters[1, 2])
+    # Sampled from the parameters with a generator: what encode_video_latents draws.
+    factor = pipe.vae.config.scaling_factor
+    torch.testing.assert_close(
+        sample_posterior(parameters, factor, torch.Generator().manual_seed(1)),
+        encode_video_latents(pipe.vae, pixels, None, torch.Generator().manual_seed(1)),
+    )
 
 
 def test_a_channels_last_vae_on_cpu_encodes_and_decodes_what_the_plain_one_does(pipe):

@@ -177,6 +177,20 @@ def test_8bit_adam_keeps_a_byte_per_moment_for_large_tensors():
     assert memory.adam8bit_bytes([10, 5000]) == memory.BNB_QMAPS + 8 * 10 + 2 * 5000 + 8 * 20
 
 
+def test_a_latent_cache_changes_the_batch_alone_pixels_for_posteriors():
+    """The frozen models stay (the reference is still encoded; validation decodes and embeds)."""
+    plain = plan_memory(MemoryOptions(**TINY))
+    cached = plan_memory(MemoryOptions(latent_cache=True, **TINY))
+    assert {k: v for k, v in cached.parts.items() if k != "batch"} == {
+        k: v for k, v in plain.parts.items() if k != "batch"
+    }
+    batch_size, frames, height, width = CLIP
+    embedding_dim = memory.meta_models("tiny", "full", 128)[1][1].config.projection_dim
+    pixels, posteriors = 3 * height * width, 2 * 4 * (height // 8) * (width // 8)  # per frame
+    assert plain.batch - cached.batch == 4 * batch_size * (frames * (pixels - posteriors) - embedding_dim)
+    assert "latent cache" in cached.table()
+
+
 def test_cli_plans_the_full_profile_on_8_gpus_as_json(capsys):
     argv = ["--profile", "full", "--num_gpus", "8", "--zero_stage", "2", "--json"]
     assert memory.main(argv) == 0

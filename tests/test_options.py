@@ -163,6 +163,8 @@ def test_json_unknown_keys_and_wrong_types_name_the_file(paths, tmp_path):
         TrainingOptions.from_json(path)
     path.write_text(json.dumps(values | {"learning_rate": 1}))  # an int where a float is due is read as one
     assert TrainingOptions.from_json(path).learning_rate == 1.0
+    path.write_text(json.dumps(values | {"latent_cache_mb": 64}))  # a retired option of older runs
+    assert TrainingOptions.from_json(path) == TrainingOptions(meta_info_path=paths["META_INFO"])
 
 
 def test_hub_token_is_never_written(paths, tmp_path):
@@ -227,6 +229,10 @@ def test_help_flag_prints_and_exits_0(capsys):
         ),
         (["--video_folder", "/v"], "--video_folder is not supported here: cnx reads the ubc-style data list"),
         (
+            ["--latent_cache_mb=64"],
+            "--latent_cache_mb is not supported here: the in-memory latent cache is gone",
+        ),
+        (
             ["--condition_folder=/c"],
             "--condition_folder is not supported here: cnx reads the ubc-style data list",
         ),
@@ -241,7 +247,6 @@ def test_help_flag_prints_and_exits_0(capsys):
         (["--validation_steps=-5"], "--validation_steps must be at least 1, got -5"),
         (["--checkpoints_total_limit=0"], "--checkpoints_total_limit must be at least 1, got 0"),
         (["--decode_chunk_size=0"], "--decode_chunk_size must be at least 1, got 0"),
-        (["--latent_cache_mb=-1"], "--latent_cache_mb must be 0 or more, got -1"),
         (
             ["--conditioning_dropout_prob=1.5"],
             "--conditioning_dropout_prob is a probability: it must be in [0, 1]",

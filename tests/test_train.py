@@ -1,6 +1,5 @@
 """The step, what trains, data order, checkpoints; real runs of `python -m cnx.train`."""
 
-import dataclasses
 import json
 import math
 import os
@@ -14,7 +13,6 @@ import torch
 
 from cnx import runs, train
 from cnx.data import ClipDataset
-from cnx.latents import FrameLatentCache
 from cnx.options import parse_options
 from cnx.profiles import DATA_SAMPLES
 from cnx.step import Objective, build_models, step_generator, training_step
@@ -66,17 +64,6 @@ def test_pitfall_10_training_step_is_a_function_of_its_generator_and_reaches_eve
     first.loss.backward()
     assert all(p.grad is not None for p in trainable)
     assert not any(p.requires_grad for m in (models.vae, models.image_encoder) for p in m.parameters())
-
-
-def test_a_step_with_the_latent_cache_has_the_loss_of_a_step_without(setup):
-    options, models, batch = setup
-    objective = Objective.from_options(options)
-    cached = dataclasses.replace(models, latent_cache=FrameLatentCache(2**20))
-    plain = training_step(models, batch, objective, step_generator(0, 0, 5, 0))
-    for hits in (0, 8):  # the first step encodes the 2 clips' 4 frames, the second reads them back
-        step = training_step(cached, batch, objective, step_generator(0, 0, 5, 0))
-        torch.testing.assert_close(step.per_sample, plain.per_sample)
-        assert cached.latent_cache.hits == hits and cached.latent_cache.misses == 8
 
 
 @pytest.mark.parametrize("mode", ["full", "selective", "controlnext", "lora"])
@@ -224,12 +211,8 @@ def losses(output_dir):
 
 
 def test_a_run_killed_at_any_moment_resumes_with_the_losses_of_an_uninterrupted_run(tiny_svd_dir, tmp_path):
-    """SIGKILL after the step-2 checkpoint; `--resume_from_checkpoint latest` redoes steps 3-4 exactly.
-
-    With the latent cache on: the resumed run starts with an empty cache, the straight one does not.
-    """
+    """SIGKILL after the step-2 checkpoint; `--resume_from_checkpoint latest` redoes steps 3-4 exactly."""
     common = ["--max_train_steps=4", "--checkpointing_steps=2", "--lr_warmup_steps=2", "--use_ema"]
-    common += ["--latent_cache_mb=16"]
     straight = tmp_path / "straight"
     result = run(tiny_svd_dir, straight, *common)
     assert result.returncode == 0, result.stderr[-2000:]
