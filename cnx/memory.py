@@ -411,6 +411,7 @@ def measure_saved(
     return saved
 
 
+@functools.lru_cache(maxsize=512)  # --fit plans many settings that share a model, a clip and a mode
 def measure_activations(
     model,
     clip: tuple[int, int, int, int],
@@ -574,6 +575,79 @@ def max_frames(plan: MemoryPlan, model, dtype: torch.dtype) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# What fits a GPU
+
+CHECKPOINTING_SETTINGS = {  # --fit's label -> MemoryOptions fields
+    "none": {"gradient_checkpointing": False},
+    **{mode: {"gradient_checkpointing": True, "checkpointing": mode} for mode in CHECKPOINTING},
+}
+OPTIMIZER_SETTINGS = {  # --fit's label -> MemoryOptions fields: the optimizer and weight states
+    "AdamW": {},
+    "8-bit AdamW": {"use_8bit_adam": True},
+    "bf16 weights + fp32 master": {"weights_dtype": "bf16"},
+    "bf16 weights, stochastic rounding": {"weights_dtype": "bf16", "stochastic_rounding": True},
+}
+
+
+def fit(options: MemoryOptions, gpu_memory_gb: float, progress: bool = False) -> list[dict]:
+    """Every trainable set x checkpointing x latent cache x optimizer state that trains on a GPU of
+    `gpu_memory_gb` at the resolution of `options`: its most frames and its plan at the profile's
+    frames, most frames first. The rest of `options` (GPUs, ZeRO, EMA, batch) holds for all;
+    combinations `options.problems()` refuses (bf16 weights under ZeRO) are left out."""
+    from tqdm.auto import tqdm
+
+    settings = [
+        (trainable, checkpointing, cache, optimizer)
+        for trainable in TRAINABLE
+        for checkpointing in CHECKPOINTING_SETTINGS
+        for cache in (False, True)
+        for optimizer in OPTIMIZER_SETTINGS
+    ]
+    rows = []
+    for trainable, checkpointing, cache, optimizer in tqdm(
+        settings, desc=f"plans for {gpu_memory_gb:g} GB", unit="plan", disable=not progress, file=sys.stderr
+    ):
+        fields = CHECKPOINTING_SETTINGS[checkpointing] | OPTIMIZER_SETTINGS[optimizer]
+        o = dataclasses.replace(
+            options, trainable=trainable, latent_cache=cache, gpu_memory_gb=gpu_memory_gb, **fields
+        )
+        if o.problems():
+            continue
+        plan = plan_memory(o)
+        if plan.max_frames:
+            rows.append(
+                {
+                    "trainable": trainable,
+                    "checkpointing": checkpointing,
+                    "latent_cache": cache,
+                    "optimizer": optimizer,
+                    "max_frames": plan.max_frames,
+                    "frames": plan.options.sample_n_frames,
+                    "total_gib": round(plan.total_bytes / GiB, 1),
+                }
+            )
+    return sorted(rows, key=lambda row: -row["max_frames"])
+
+
+def fit_table(rows: list[dict], gpu_memory_gb: float) -> str:
+    if not rows:
+        return f"nothing fits {gpu_memory_gb:g} GB at this resolution"
+    header = (
+        f"settings that fit {gpu_memory_gb:g} GB, most frames first (GiB: the plan at the profile's frames)"
+    )
+    lines = [
+        header,
+        f"{'trainable':12}{'checkpointing':15}{'cache':7}{'optimizer':35}{'frames':>8}{'GiB':>8}",
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['trainable']:12}{row['checkpointing']:15}{'yes' if row['latent_cache'] else 'no':7}"
+            f"{row['optimizer']:35}{row['max_frames']:>8}{row['total_gib']:>8}"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -586,6 +660,12 @@ def build_parser() -> argparse.ArgumentParser:
         defaults={"gpu_memory_gb": 80.0},
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument(
+        "--fit",
+        type=float,
+        metavar="GPU_GB",
+        help="list every trainable set x checkpointing x latent cache x optimizer state that fits this GPU",
+    )
     return parser
 
 
@@ -593,7 +673,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = vars(build_parser().parse_args(argv))
-        as_json = args.pop("json")
+        as_json, gpu_memory_gb = args.pop("json"), args.pop("fit")
+        if gpu_memory_gb is not None:
+            if not gpu_memory_gb > 0:
+                raise ValueError(f"--fit must be greater than 0, got {gpu_memory_gb}")
+            rows = fit(MemoryOptions(**args), gpu_memory_gb, progress=not as_json)
+            print(json.dumps(rows) if as_json else fit_table(rows, gpu_memory_gb))
+            return 0
         plan = plan_memory(MemoryOptions(**args))
     except ValueError as err:
         print(f"cnx plan-memory: {err}", file=sys.stderr)

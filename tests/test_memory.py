@@ -147,6 +147,48 @@ def test_max_frames_is_the_last_frame_count_that_fits():
     assert plan_memory(MemoryOptions(**TINY, gpu_memory_gb=0.01, reserve_gb=0)).max_frames == 0
 
 
+def test_fit_lists_each_setting_that_fits_with_its_own_max_frames(capsys):
+    budget = dict(gpu_memory_gb=0.1, reserve_gb=0.06)
+    bf16 = {**TINY, "mixed_precision": "bf16"}
+    base = MemoryOptions(**bf16, reserve_gb=budget["reserve_gb"])
+    rows = memory.fit(base, budget["gpu_memory_gb"])
+    settings = {(r["trainable"], r["checkpointing"], r["latent_cache"], r["optimizer"]) for r in rows}
+    assert len(settings) == len(rows) and 0 < len(rows) < 96  # some fit, not all
+    assert [r["max_frames"] for r in rows] == sorted((r["max_frames"] for r in rows), reverse=True)
+    for row in rows[:: max(1, len(rows) // 6)]:  # a few rows, replanned alone
+        fields = (
+            memory.CHECKPOINTING_SETTINGS[row["checkpointing"]] | memory.OPTIMIZER_SETTINGS[row["optimizer"]]
+        )
+        alone = MemoryOptions(
+            **bf16,
+            **budget,
+            **fields,
+            trainable=row["trainable"],
+            latent_cache=row["latent_cache"],
+        )
+        assert plan_memory(alone).max_frames == row["max_frames"] > 0
+    # More recomputation, more frames; lighter states, more frames.
+    most = {
+        (r["trainable"], r["checkpointing"], r["optimizer"]): r["max_frames"]
+        for r in rows
+        if not r["latent_cache"]
+    }
+    rounding = "bf16 weights, stochastic rounding"
+    assert (
+        most[("lora", "none", rounding)]
+        < most[("lora", "diffusers", rounding)]
+        < most[("lora", "blocks", rounding)]
+    )
+    assert most.get(("lora", "blocks", "AdamW"), 0) < most[("lora", "blocks", rounding)]
+    # Under ZeRO, bf16 weights are refused, so --fit leaves them out.
+    assert (
+        memory.main(["--profile", "tiny", "--zero_stage", "2", "--reserve_gb", "0", "--fit", "1", "--json"])
+        == 0
+    )
+    assert {r["optimizer"] for r in json.loads(capsys.readouterr().out)} == {"AdamW", "8-bit AdamW"}
+    assert memory.main(["--profile", "tiny", "--fit", "0"]) == 2
+
+
 def test_zero_partitions_gradients_and_optimizer_states_and_offload_moves_them_to_the_cpu():
     one = plan_memory(MemoryOptions(**{**TINY, "mixed_precision": "bf16"}, zero_stage=2))
     eight = plan_memory(MemoryOptions(**{**TINY, "mixed_precision": "bf16"}, zero_stage=2, num_gpus=8))
