@@ -38,6 +38,9 @@ DEFAULT_CONTROL_SCALE = 0.2  # = cnx.conditioning.DEFAULT_CONTROL_SCALE
 DEFAULT_CONDITIONING_DROPOUT_PROB = 0.1  # = cnx.conditioning.DEFAULT_CONDITIONING_DROPOUT_PROB
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 TRAINABLE = ("full", "selective", "lora", "controlnext")
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")  # = cnx.attention.SDPA_BACKENDS
+# What an options file written before a field existed meant by its absence (the older behaviour).
+LEGACY_DEFAULTS = {"single_token_cross_attention": False}
 SECRET_FIELDS = ("hub_token",)  # never written to training_options.json or a launch command
 
 # The original script's other dataset (webvid) and its prompt: flag -> what to use instead.
@@ -115,6 +118,22 @@ class TrainingOptions:
     )
     allow_tf32: bool = flag(False, "allow TF32 matmuls on Ampere and newer GPUs")
     enable_xformers_memory_efficient_attention: bool = flag(False, "use xformers attention")
+    single_token_cross_attention: bool = flag(
+        True,
+        "compute the UNet's cross-attention to its one image token as to_out(to_v(token)): exact, "
+        "faster; its unread norm2/to_q/to_k are frozen, where the original trained them on zero "
+        "gradients (cnx.attention)",
+    )
+    compile: bool = flag(False, "torch.compile each repeated UNet block (cnx.compile); compiles at step 1")
+    fused_adamw: bool = flag(
+        True,
+        "torch's fused AdamW kernel on CUDA and CPU; off: torch's choice (foreach on CUDA, as the original)",
+    )
+    sdpa_backend: str = flag(
+        "auto",
+        "attention kernel tried first, then torch's order; auto: torch's (flash, efficient, math, cudnn)",
+        SDPA_BACKENDS,
+    )
     latent_cache_mb: int = flag(
         0,
         "keep up to this many MiB of VAE posteriors per process in host memory, one per distinct frame, "
@@ -237,7 +256,10 @@ class TrainingOptions:
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainingOptions:
-        """Read what `to_json` wrote (the file, or a folder holding it); keys it lacks take defaults."""
+        """Read what `to_json` wrote (the file, or a folder holding it); keys it lacks take defaults.
+
+        Except LEGACY_DEFAULTS: a file from before such a field meant the behaviour of that time.
+        """
         path = _json_path(path)
         try:
             values = json.loads(path.read_text())
@@ -245,6 +267,7 @@ class TrainingOptions:
             raise ValueError(f"{path}: not valid json ({err})") from err
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a json object of options, got {type(values).__name__}")
+        values = LEGACY_DEFAULTS | values
         hints = typing.get_type_hints(cls)
         unknown = sorted(set(values) - set(hints))
         if unknown:
