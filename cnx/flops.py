@@ -11,7 +11,7 @@ MFU = model FLOPs / step time / peak; HFU = hardware FLOPs / step time / peak.
 FLOPs are those `torch.utils.flop_counter.FlopCounterMode` counts: matmuls,
 convolutions and attention (2 per multiply-add); norms, activations and the
 loss are left out, as is the convention. The count depends on shapes only, so it
-runs on the meta device too (`meta_model_flops`: SVD-xt at full size on a CPU).
+runs on the meta device too (`model_flops`: SVD-xt at full size on a CPU).
 """
 
 from __future__ import annotations
@@ -148,16 +148,19 @@ class StepFlops:
         return self.model / per_second, self.hardware / per_second
 
 
-def meta_model_flops(model: torch.nn.Module, batch_size: int, num_frames: int, height: int, width: int):
-    """Forward + backward FLOPs of a ControlNeXtSVD on the meta device, for (B, F) clips of H x W pixels.
+def model_flops(model: torch.nn.Module, batch_size: int, num_frames: int, height: int, width: int) -> int:
+    """Forward + backward FLOPs of a ControlNeXtSVD for (B, F) clips of H x W pixels, where it lies.
 
-    Shapes only: SVD-xt at 21 x 576x1024 counts on any CPU. The loss is a plain mean square;
-    what trains is what `model`'s requires_grad flags say.
+    On the meta device shapes are all it takes: SVD-xt at 21 x 576x1024 counts on any CPU; its
+    attention runs as torch's math kernel there, whose backward keeps the scores where a fused
+    kernel recomputes them (one product fewer per attention backward than torch's formula for
+    the fused kernels). The loss is a plain mean square; what trains is what `model`'s
+    requires_grad flags say.
     """
     unet = model.unet
     h, w = height // 8, width // 8
     shape = (batch_size, num_frames)
-    with torch.device("meta"):
+    with torch.device(next(model.parameters()).device):
         inputs = dict(
             sample=torch.zeros(*shape, unet.config.in_channels, h, w),
             timestep=torch.ones(batch_size),

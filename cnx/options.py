@@ -39,6 +39,7 @@ DEFAULT_CONDITIONING_DROPOUT_PROB = 0.1  # = cnx.conditioning.DEFAULT_CONDITIONI
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 TRAINABLE = ("full", "selective", "lora", "controlnext")
 SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")  # = cnx.attention.SDPA_BACKENDS
+COMPILE_BACKENDS = ("inductor", "aot_eager")  # --compile_backend
 # What an options file written before a field existed meant by its absence (the older behaviour).
 LEGACY_DEFAULTS = {"single_token_cross_attention": False}
 SECRET_FIELDS = ("hub_token",)  # never written to training_options.json or a launch command
@@ -125,6 +126,11 @@ class TrainingOptions:
         "gradients (cnx.attention)",
     )
     compile: bool = flag(False, "torch.compile each repeated UNet block (cnx.compile); compiles at step 1")
+    compile_backend: str = flag(
+        "inductor",
+        "torch.compile's backend for --compile; aot_eager traces but generates no code (tests, bisecting)",
+        COMPILE_BACKENDS,
+    )
     fused_adamw: bool = flag(
         True,
         "torch's fused AdamW kernel on CUDA and CPU; off: torch's choice (foreach on CUDA, as the original)",

@@ -219,7 +219,7 @@ def build_models(options, device, weight_dtype: torch.dtype):
     if options.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if options.compile:  # in place: names and state dicts unchanged; compiles at the first call
-        compile_repeated_blocks(unet)
+        compile_repeated_blocks(unet, backend=options.compile_backend)
     for frozen in (vae, image_encoder):
         frozen.requires_grad_(False).eval().to(device)
         if frozen.dtype != weight_dtype:  # diffusers warns on every `to(dtype)`, even a no-op

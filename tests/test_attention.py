@@ -57,7 +57,9 @@ def test_same_output_and_gradients_for_every_trained_parameter(model, trainable)
     fast_out, fast_grads = forward_backward(fast, trainable)
 
     torch.testing.assert_close(fast_out, out, rtol=1e-6, atol=1e-6)
-    bypassed = {f"unet.{name}.{p}" for name, m in bypassed_modules(fast.unet) for p, _ in m.named_parameters()}
+    bypassed = {
+        f"unet.{name}.{p}" for name, m in bypassed_modules(fast.unet) for p, _ in m.named_parameters()
+    }
     assert bypassed and set(fast_grads) == set(grads) - bypassed  # trained: all but the unread ones
     assert all(fast_grads[name] is not None for name in fast_grads)
     for name, grad in fast_grads.items():
