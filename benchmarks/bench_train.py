@@ -49,7 +49,12 @@ DIR/<row>.json (chrome://tracing, Perfetto) and prints the GPU's idle fraction a
 top 10 kernels by time (on a CPU the top 10 operators; idle fraction n/a).
 
 Each run writes its rows to `benchmarks/results/bench_train.json` (`bench_train_svd_xt.json` with
-`--svd_xt`; `--results` elsewhere) with the date, the machine and torch.
+`--svd_xt`; `--results` elsewhere) with the date, the machine and torch. On a shared 2-core CPU
+use --threads 1: two OpenMP threads beside other work stall for seconds per step.
+
+The GPU suite (one H100, full training at 14 frames, the five GPU_ROWS; two of them compile):
+
+    python benchmarks/bench_train.py --svd_xt --frames 14 --trace $OUT/traces
 """
 
 from __future__ import annotations
