@@ -1,24 +1,29 @@
-"""Training-step speed and memory, with and without gradient checkpointing, measured in one run.
+"""Training-step speed, memory and FLOP utilisation of cnx's speed options against the original's setting.
 
     .venv/bin/python benchmarks/bench_train.py                  # the tiny profile on the CPU
-    python benchmarks/bench_train.py --svd_xt --frames 14 21   # SVD-xt's architecture, random weights, GPU
-    python benchmarks/bench_train.py --checkpointing blocks     # only one granularity's checkpointed row
+    python benchmarks/bench_train.py --svd_xt --frames 14 --trace traces   # SVD-xt's architecture, GPU
+
+Each row is a setting of the step (`SETTINGS`), timed in the same process as the
+baseline row, "original": the original code's configuration (diffusers' gradient
+checkpointing, the VAE encoding in the step, diffusers' attention processors,
+torch's default AdamW (foreach on CUDA), no compile, torch's attention kernel
+order). The ratio columns divide by it. The other rows switch on cnx's options:
+the single-token cross-attention and fused AdamW (`cnx train`'s defaults), then
+`--compile` and `--sdpa_backend=cudnn`, each alone and together.
 
 Each timed step is a faithful trainer step without accelerate: `training_step`
 (VAE encoding, conditioning and its dropout, sigmas, UNet + ControlNeXt, the weighted
 loss), backward, gradient clipping at --max_grad_norm, AdamW over
-`parameter_groups`, zero_grad; the trainable set comes from
-`select_trainable`. The baseline is the same model without gradient
-checkpointing; the ratio columns divide by it. Then one row per granularity of
-`--checkpointing` (default: both, `cnx.checkpointing`): `diffusers`, diffusers'
-own, as the original code ran; `blocks`, cnx's default.
+`parameter_groups`, zero_grad; the trainable set comes from `select_trainable`.
+A row's first step (which compiles, with --compile) is timed on its own; then
+--warmup untimed steps and the median of --steps.
 
 - CPU (default): the tiny stand-in SVD with the tiny profile's widths and random weights, written
   to a temporary folder by `cnx.tiny.write_tiny_svd` and loaded as the trainer loads it; the tiny
   profile's size and clip length (`cnx.profiles.TINY`), batch 1, float32. Peak memory is the
   process's peak resident set size (VmHWM, reset before each row with /proc/self/clear_refs after
   handing freed heap back with malloc_trim): weights, optimizer state and activations together,
-  not torch's own count.
+  not torch's own count. CPU timings say nothing about a GPU.
 - `--svd_xt` (GPU): SVD-xt's UNet, VAE and image encoder built from their configurations
   with random weights (nothing is downloaded) and the published ControlNeXt configuration,
   at 576x1024 with 14 and 21 frames; the frozen models in bf16, the trained ones in
@@ -29,19 +34,27 @@ own, as the original code ran; `blocks`, cnx's default.
 Both: "step adds" is the peak above the memory held at the row's start (weights and
 optimizer state): a step's gradients, activations and temporaries.
 
-FLOPs: one training step (forward of the frozen encoders, forward and backward of the
-trained model) counted by `torch.utils.flop_counter.FlopCounterMode` without
-checkpointing, so a checkpointed row's recomputation lowers its utilisation rather than
-counting as work. Where that step does not fit, it is the checkpointed step's count less
-the recomputation counted during its backward (marked "~"). Model FLOP utilisation
-(MFU) = FLOPs / step time / the GPU's peak dense bf16 FLOP/s (PEAK_BF16_TFLOPS, or
---peak_tflops). On the CPU the attention of torch's CPU kernel is counted too.
+FLOPs (`cnx.flops`, counted eagerly by `torch.utils.flop_counter.FlopCounterMode`):
+- model FLOPs, the useful work, the same for every row: the forward and backward of
+  the model that trains, without checkpointing and with the single-token cross-attention
+  (the attention over one token computes nothing the shortcut does not). Where that step
+  does not fit, the checkpointed step's count less its recomputation (marked "~").
+- hardware FLOPs, each row's own: what its step runs, the recomputation of its
+  checkpointing and the frozen encoders' forwards included.
+MFU and HFU divide them by the step time and the GPU's peak dense bf16 FLOP/s
+(`cnx.flops.PEAK_BF16_TFLOPS`, or --peak_tflops); on a CPU they are n/a.
+
+`--trace DIR` writes a `torch.profiler` trace of 3 more steps of each row to
+DIR/<row>.json (chrome://tracing, Perfetto) and prints the GPU's idle fraction and the
+top 10 kernels by time (on a CPU the top 10 operators; idle fraction n/a).
 
 Each run writes its rows to `benchmarks/results/bench_train.json` (`bench_train_svd_xt.json` with
-`--svd_xt`; `--results` elsewhere) with the date, the machine and torch. The SVD-xt figures there
-say whether the original command (full training, 21 frames) fits one 80 GB GPU unsharded; its
-README runs it with DeepSpeed ZeRO-2 over 8 GPUs, which shards the AdamW state and the gradients,
-a setting not measured here.
+`--svd_xt`; `--results` elsewhere) with the date, the machine and torch. On a shared 2-core CPU
+use --threads 1: two OpenMP threads beside other work stall for seconds per step.
+
+The GPU suite (one H100, full training at 14 frames, the five GPU_ROWS; two of them compile):
+
+    python benchmarks/bench_train.py --svd_xt --frames 14 --trace $OUT/traces
 """
 
 from __future__ import annotations
@@ -49,6 +62,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import re
 import statistics
@@ -59,40 +73,49 @@ from pathlib import Path
 
 import torch
 from record import record, write
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from cnx.options import CHECKPOINTING, TRAINABLE, parse_options
+from cnx.attention import (
+    freeze_bypassed,
+    sdpa_priority,
+    use_default_cross_attention,
+    use_single_token_cross_attention,
+)
+from cnx.compile import compile_repeated_blocks, uncompile
+from cnx.flops import Counted, StepFlops, count
+from cnx.flops import peak_tflops as peak_of
+from cnx.options import TRAINABLE, parse_options
 from cnx.profiles import DATA_SAMPLES, TINY, quiet_known_warnings
+from cnx.profiling import summarize
 from cnx.step import Models, Objective, build_models, step_generator, training_step
 from cnx.trainable import build_optimizer, parameter_groups, select_trainable
 
-# Dense bf16 tensor-core TFLOP/s by device name, the first match wins (vendor data sheets, no sparsity).
-PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),
-    ("H200", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-)
 GIB = 2**30
+TRACE_STEPS = 3
 
 
-# torch's CPU attention kernel has no FLOP formula of its own; it does what the GPU kernels do.
-def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)  # shapes, as FlopCounterMode hands them
+@dataclass(frozen=True)
+class Setting:
+    """One row: how the step runs."""
+
+    checkpointing: bool = True
+    single_token: bool = True  # --single_token_cross_attention
+    fused_adamw: bool = True  # --fused_adamw
+    compile: bool = False  # --compile
+    sdpa_backend: str = "auto"  # --sdpa_backend
 
 
-def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-aten = torch.ops.aten
-CPU_ATTENTION_FLOPS = {
-    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
-    aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward,
+ORIGINAL = Setting(single_token=False, fused_adamw=False)
+SETTINGS = {
+    "original": ORIGINAL,  # the baseline: the original code's configuration
+    "cnx": Setting(),  # cnx train's defaults (with --gradient_checkpointing)
+    "cnx+compile": Setting(compile=True),
+    "cnx+cudnn": Setting(sdpa_backend="cudnn"),
+    "cnx+compile+cudnn": Setting(compile=True, sdpa_backend="cudnn"),
+    "cnx, no checkpointing": Setting(checkpointing=False),
+    "original, no checkpointing": dataclasses.replace(ORIGINAL, checkpointing=False),
 }
+CPU_ROWS = ("original", "cnx")
+GPU_ROWS = ("original", "cnx", "cnx+compile", "cnx+cudnn", "cnx+compile+cudnn")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,9 +168,10 @@ class Bench:
     models: Models
     net: torch.nn.Module  # the ControlNeXtSVD itself (models.model may carry an autocast forward)
     options: object
-    optimizer: torch.optim.Optimizer
-    trainable: list
+    selected: list  # what --trainable trains, before the single-token cross-attention freezes some
     device: torch.device
+    optimizer: torch.optim.Optimizer | None = None
+    trainable: list = dataclasses.field(default_factory=list)
     step: int = 0
 
     def loss(self, batch: dict) -> torch.Tensor:
@@ -196,91 +220,81 @@ def out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err)
 
 
-class RecomputeMeter:
-    """The FLOPs of module forwards run during backward: what gradient checkpointing recomputes.
-
-    Global module hooks read the counter's running total around each outermost module
-    call made while `active` (set once the forward is done). `always_call`: the
-    checkpoint's early stop leaves a recomputation by an exception.
-    """
-
-    def __init__(self, counter: FlopCounterMode):
-        self.counter, self.active, self.depth, self.start, self.flops = counter, False, 0, 0, 0
-
-    def before(self, module, args) -> None:
-        if self.active:
-            self.start = self.counter.get_total_flops() if self.depth == 0 else self.start
-            self.depth += 1
-
-    def after(self, module, args, output) -> None:
-        if self.active and self.depth:
-            self.depth -= 1
-            self.flops += self.counter.get_total_flops() - self.start if self.depth == 0 else 0
-
-    @contextlib.contextmanager
-    def hooks(self):
-        from torch.nn.modules import module
-
-        handles = (
-            module.register_module_forward_pre_hook(self.before),
-            module.register_module_forward_hook(self.after, always_call=True),
-        )
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-def count_flops(bench: Bench, batch: dict) -> tuple[int, bool] | None:
-    """(FLOPs of one training step without checkpointing, exact?): see the module docstring.
-
-    Where that step does not fit, the checkpointed step is counted and the recomputation
-    counted during its backward is taken off again. None: not even that step fits.
-    """
-    bench.net.disable_gradient_checkpointing()
-    try:
-        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-            bench.loss(batch).backward()
-        bench.optimizer.zero_grad(set_to_none=True)
-        return counter.get_total_flops(), True
-    except RuntimeError as err:
-        if not out_of_memory(err):
-            raise
-    bench.optimizer.zero_grad(set_to_none=True)
+def configure(bench: Bench, setting: Setting) -> None:
+    """Set the model and a fresh optimizer up as `setting` says (compiling happens at the first step)."""
+    net = bench.net
+    uncompile(net)
+    bench.optimizer = None
+    net.zero_grad(set_to_none=True)
+    for parameter in bench.selected:
+        parameter.requires_grad_(True)
+    if setting.single_token:
+        use_single_token_cross_attention(net.unet)
+        freeze_bypassed(net.unet)
+    else:
+        use_default_cross_attention(net.unet)
+    if setting.checkpointing:
+        net.enable_gradient_checkpointing()
+    else:
+        net.disable_gradient_checkpointing()
+    bench.trainable = [p for p in net.parameters() if p.requires_grad]
+    options = dataclasses.replace(bench.options, fused_adamw=setting.fused_adamw)
     release_memory(bench.device)
-    bench.net.enable_gradient_checkpointing()
+    bench.optimizer = build_optimizer(parameter_groups(net, options.adam_weight_decay), options, bench.device)
+    if setting.compile:
+        compile_repeated_blocks(net.unet)
+
+
+def count_step(bench: Bench, batch: dict) -> Counted | None:
+    """The configured step's FLOPs, eagerly (None: out of memory); gradients cleared after."""
     try:
-        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-            with RecomputeMeter(counter).hooks() as recompute:
-                loss = bench.loss(batch)
-                recompute.active = True
-                loss.backward()
-        counted = counter.get_total_flops() - recompute.flops, False
+        counted = count(lambda: bench.loss(batch), frozen=(bench.models.vae, bench.models.image_encoder))
     except RuntimeError as err:
         if not out_of_memory(err):
             raise
         counted = None
-    loss = None  # the graph of a step that ran out of memory in backward, freed before the release
-    bench.optimizer.zero_grad(set_to_none=True)
+    bench.net.zero_grad(set_to_none=True)
     release_memory(bench.device)
     return counted
 
 
-def time_steps(bench: Bench, batch: dict, granularity: str | None, warmup: int, steps: int):
-    """(median seconds per step, peak memory GiB, peak above the start), or None when out of memory.
+def step_flops(bench: Bench, batch: dict, setting: Setting, counts: dict) -> tuple[StepFlops | None, bool]:
+    """(model and this row's hardware FLOPs, model count exact?); `counts` caches them per configuration.
 
-    granularity: what gradient checkpointing recomputes (`cnx.checkpointing`), None: no checkpointing.
-    The start holds the weights and the optimizer state; what a step adds above it is its
-    gradients, activations and temporaries.
+    Counts are taken eagerly with `setting`'s attention and checkpointing; call before compiling.
     """
-    if granularity is not None:
-        bench.net.enable_gradient_checkpointing(granularity)
-    else:
-        bench.net.disable_gradient_checkpointing()
-    release_memory(bench.device)
-    resident = memory_gib(bench.device, peak=False)
+
+    def counted(single_token: bool, checkpointing: bool) -> Counted | None:
+        key = (single_token, checkpointing)
+        if key not in counts:
+            configure(bench, Setting(checkpointing, single_token, fused_adamw=False))
+            counts[key] = count_step(bench, batch)
+        return counts[key]
+
+    useful, exact = counted(True, False), True
+    if useful is None:  # the plain step does not fit: the checkpointed one, less its recomputation
+        useful, exact = counted(True, True), False
+    own = counted(setting.single_token, setting.checkpointing)
+    if useful is None or own is None:
+        return None, exact
+    return StepFlops(model=useful.model, hardware=own.total), exact
+
+
+def time_steps(bench: Bench, batch: dict, warmup: int, steps: int):
+    """(first step s, median s per step, peak memory GiB, peak above the start), or None when out of memory.
+
+    The first step makes the optimizer state (and compiles); the start then holds the weights
+    and the optimizer state, and what a step adds above it is its gradients, activations and
+    temporaries.
+    """
     try:
+        bench.sync()
+        start = time.perf_counter()
+        bench.trainer_step(batch)
+        bench.sync()
+        first = time.perf_counter() - start
+        release_memory(bench.device)
+        resident = memory_gib(bench.device, peak=False)
         for _ in range(warmup):
             bench.trainer_step(batch)
         times = []
@@ -295,53 +309,94 @@ def time_steps(bench: Bench, batch: dict, granularity: str | None, warmup: int, 
             raise
         times = None
     if times is None:  # out of memory, released here, outside the handler that holds the tensors
-        bench.optimizer.zero_grad(set_to_none=True)
+        bench.net.zero_grad(set_to_none=True)
         release_memory(bench.device)
         return None
     peak = memory_gib(bench.device, peak=True)
-    return statistics.median(times), peak, peak - resident
+    return first, statistics.median(times), peak, peak - resident
 
 
-HEADER = (
-    f"  {'':<24}{'s/step':>8}{'samples/s':>11}{'peak mem':>10}{'step adds':>11}{'TFLOP/s':>9}{'MFU':>7}"
-    f"   {'x time':>7}{'x peak':>8}{'x adds':>8}"
-)
+def trace_steps(bench: Bench, batch: dict, path: Path) -> list[str]:
+    """TRACE_STEPS more steps under torch.profiler, written to `path`; the summary's lines."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = bench.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    bench.sync()
+    with profile(activities=activities) as prof:
+        for _ in range(TRACE_STEPS):
+            bench.trainer_step(batch)
+        bench.sync()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+    return [f"trace of {TRACE_STEPS} steps: {path}", *summarize(prof, on_gpu).lines()]
 
 
-def format_row(name: str, result, base, tflop: float, mark: str, batch_size: int, peak: float | None) -> str:
-    """One table row; the ratios divide by `base`, the row without checkpointing."""
-    if result is None:
-        return f"  {name:<24}{'out of memory':>19}"
-    seconds, memory, added = result
-    achieved = tflop / seconds
-    mfu = f"{achieved / peak:.1%}" if peak else "-"
-    ratios = "".join(f"{now / then:7.2f}x" for now, then in zip(result, base, strict=True)) if base else ""
+def header(unit: str) -> str:
     return (
-        f"  {name:<24}{seconds:8.3f}{batch_size / seconds:11.2f}{memory:6.2f} GiB{added:7.2f} GiB"
-        f"{mark + format(achieved, '.3g'):>9}{mfu:>7}   {ratios}"
+        f"  {'':<28}{'s/step':>8}{'samples/s':>10}{'peak mem':>10}{'step adds':>11}{'model ' + unit:>10}"
+        f"{'hw ' + unit:>8}{'MFU':>7}{'HFU':>7}   {'x time':>7}{'x peak':>8}{'1st step':>9}"
     )
 
 
-def row_record(num_frames: int, granularity: str | None, result, flops: int, exact: bool, peak) -> dict:
-    """One row of the results file; `result` is `time_steps`' (None: out of memory)."""
-    row = {
-        "frames": num_frames,
-        "gradient_checkpointing": granularity is not None,
-        "checkpointing": granularity,
-    }
+def flop_unit(flops: float) -> tuple[float, str]:
+    """TFLOP for SVD-xt's steps, GFLOP for the tiny model's."""
+    return (1e12, "TF") if flops >= 1e12 else (1e9, "GF")
+
+
+def describe(setting: Setting) -> str:
+    return ", ".join(
+        [
+            "checkpointing" if setting.checkpointing else "no checkpointing",
+            "single-token cross-attention" if setting.single_token else "diffusers' attention",
+            "fused AdamW" if setting.fused_adamw else "torch's default AdamW",
+            "compiled blocks" if setting.compile else "eager",
+            f"sdpa {setting.sdpa_backend}",
+        ]
+    )
+
+
+def format_row(name: str, result, base, flops, mark: str, batch_size: int, peak, scale: float) -> str:
+    """One table row; the ratios divide by `base`, the baseline row's result; FLOPs in units of `scale`."""
+    if result is None:
+        return f"  {name:<28}{'out of memory':>18}"
+    first, seconds, memory, added = result
+    model = f"{mark}{flops.model / scale:.4g}" if flops else "-"
+    hardware = f"{flops.hardware / scale:.4g}" if flops else "-"
+    mfu, hfu = flops.utilisation(seconds, peak) if flops else (None, None)
+    ratios = f"{seconds / base[1]:7.2f}x{memory / base[2]:7.2f}x" if base else f"{'-':>8}{'-':>8}"
+    return (
+        f"  {name:<28}{seconds:8.3f}{batch_size / seconds:10.2f}{memory:6.2f} GiB{added:7.2f} GiB"
+        f"{model:>10}{hardware:>8}{_share(mfu):>7}{_share(hfu):>7}   {ratios}{first:8.1f}s"
+    )
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def row_record(
+    num_frames: int, name: str, setting: Setting, result, base, flops, exact: bool, peak, batch_size: int
+) -> dict:
+    """One row of the results file; `result` and `base` are `time_steps`' (None: out of memory)."""
+    row = {"frames": num_frames, "setting": name, **dataclasses.asdict(setting)}
     if result is None:
         return row | {"out_of_memory": True}
-    seconds, memory, added = result
-    row |= {"s_per_step": round(seconds, 4), "peak_gib": round(memory, 3), "step_adds_gib": round(added, 3)}
-    row |= {"tflop_per_step": round(flops / 1e12, 4), "tflop_exact": exact}
-    return row | {"mfu": round(flops / 1e12 / seconds / peak, 4) if peak else None}
-
-
-def peak_tflops(device, given: float | None) -> float | None:
-    if given or device.type != "cuda":
-        return given
-    name = torch.cuda.get_device_name(device)
-    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+    first, seconds, memory, added = result
+    row |= {"first_step_s": round(first, 3), "s_per_step": round(seconds, 4)}
+    row |= {"samples_per_s": round(batch_size / seconds, 4)}
+    row |= {"peak_gib": round(memory, 3), "step_adds_gib": round(added, 3)}
+    if base:
+        row |= {
+            "time_vs_original": round(seconds / base[1], 4),
+            "peak_vs_original": round(memory / base[2], 4),
+        }
+    if flops:
+        mfu, hfu = flops.utilisation(seconds, peak)
+        row |= {"model_flops_per_step": flops.model, "model_flops_exact": exact}
+        row |= {"hardware_flops_per_step": flops.hardware}
+        row |= {"mfu": None if mfu is None else round(mfu, 4), "hfu": None if hfu is None else round(hfu, 4)}
+    return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,6 +415,10 @@ def replace_none(args, **defaults) -> Sizes:
     return Sizes(**{key: getattr(args, key) or value for key, value in defaults.items()})
 
 
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9+]+", "-", name.lower()).strip("-")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--svd_xt", action="store_true", help="SVD-xt's architecture at 576x1024 (a GPU)")
@@ -370,18 +429,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trainable", default="full", choices=TRAINABLE, help="what trains (cnx train's flag)"
     )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        choices=list(SETTINGS),
+        default=None,
+        help=f"settings to time after 'original' (default: {', '.join(CPU_ROWS[1:])} on a CPU, "
+        f"{', '.join(GPU_ROWS[1:])} on a GPU)",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each row")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak bf16 TFLOP/s")
+    parser.add_argument("--trace", type=Path, default=None, help="write a profiler trace of each row here")
     parser.add_argument("--results", type=Path, default=None, help="write the record here, not in results/")
-    parser.add_argument(
-        "--checkpointing",
-        nargs="+",
-        default=["diffusers", "blocks"],  # the original code's first
-        choices=CHECKPOINTING,
-        help="gradient checkpointing granularities to time, a row each (cnx train's --checkpointing)",
-    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     quiet_known_warnings(cpu=not torch.cuda.is_available())
@@ -394,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sizes = replace_none(args, frames=[TINY.sample_n_frames], height=TINY.height, width=TINY.width)
     weight_dtype = torch.bfloat16 if args.svd_xt and device.type == "cuda" else torch.float32
+    default_rows = GPU_ROWS if device.type == "cuda" else CPU_ROWS
+    names = ["original", *(name for name in args.rows or default_rows if name != "original")]
 
     tmp = tempfile.TemporaryDirectory(prefix="cnx-bench-")
     options = parse_options(
@@ -413,64 +476,77 @@ def main(argv: list[str] | None = None) -> int:
     else:
         models = tiny_models(Path(options.pretrained_model_name_or_path), options, device)
     net = models.model
-    trainable = select_trainable(net, args.trainable, options.rank)
+    use_default_cross_attention(net.unet)  # what --trainable selects, before any shortcut freezes a part
+    selected = select_trainable(net, args.trainable, options.rank)
     net.to(device).train()
     if weight_dtype != torch.float32:  # accelerate's bf16: autocast around the trained model's forward only
         models.model.forward = torch.autocast(device.type, dtype=weight_dtype)(net.forward)
-    optimizer = build_optimizer(parameter_groups(net, options.adam_weight_decay), options, device)
-    bench = Bench(models, net, options, optimizer, trainable, device)
+    bench = Bench(models, net, options, selected, device)
     build_s = time.perf_counter() - start
 
-    peak = peak_tflops(device, args.peak_tflops)
+    peak = args.peak_tflops
+    if device.type == "cuda" and not peak:
+        peak = peak_of(torch.cuda.get_device_name(device))
     what = "SVD-xt architecture, random weights" if args.svd_xt else "tiny profile (stand-in SVD)"
     precision = "bf16 autocast, frozen models bf16" if weight_dtype != torch.float32 else "float32"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} threads"
     print(f"{where}: {what}, {sizes.width}x{sizes.height}, batch {args.batch_size}, {precision}")
     print(
-        f"trainable {args.trainable}: {sum(p.numel() for p in trainable):,} parameters, AdamW; "
-        f"built in {build_s:.1f} s; median of {args.steps} steps after {args.warmup} warm-up"
+        f"trainable {args.trainable}: {sum(p.numel() for p in selected):,} parameters, AdamW; "
+        f"built in {build_s:.1f} s; a first step, then the median of {args.steps} after {args.warmup} warm-up"
     )
     print(
         "peak memory: torch.cuda.max_memory_allocated"
         if device.type == "cuda"
         else "peak memory: the process's peak RSS (VmHWM), weights + optimizer state + activations"
     )
-    print(f"peak bf16: {f'{peak:g} TFLOP/s' if peak else 'unknown (give --peak_tflops for MFU)'}")
+    if device.type == "cuda":
+        print(f"peak bf16: {f'{peak:g} TFLOP/s' if peak else 'unknown (give --peak_tflops for MFU)'}")
+    else:
+        print("MFU, HFU: n/a on a CPU (FLOPs are counted all the same)")
+    for name in names:
+        print(f"  {name}: {describe(SETTINGS[name])}")
 
-    rows = []
+    rows, attention = [], []  # attention: model FLOPs per step with either cross-attention
     for num_frames in sizes.frames:
         batch = random_batch(args.batch_size, num_frames, sizes.height, sizes.width)
-        counted = count_flops(bench, batch)
-        if counted is None:
-            print(f"\n{num_frames} frames: out of memory, with gradient checkpointing too")
-            rows.append({"frames": num_frames, "out_of_memory": True})
-            continue
-        flops, exact = counted
-        if not bench.optimizer.state:  # every row starts with the optimizer state in place
-            bench.net.enable_gradient_checkpointing()
-            bench.trainer_step(batch)
-        mark = "" if exact else "~"
-        print(
-            f"\n{num_frames} frames: {mark}{flops / 1e12:.3g} TFLOP per step"
-            f"{'' if exact else ' (plain step out of memory: counted checkpointed, less recomputation)'}"
-        )
-        print(HEADER)
-        base, results = None, {}
-        granularities = [None, *dict.fromkeys(args.checkpointing)]  # None: no checkpointing, the baseline
-        for granularity in granularities:
-            name = f"checkpointing {granularity}" if granularity else "no checkpointing"
-            results[granularity] = time_steps(bench, batch, granularity, args.warmup, args.steps)
-            base = results[None]
-            print(format_row(name, results[granularity], base, flops / 1e12, mark, args.batch_size, peak))
-            rows.append(row_record(num_frames, granularity, results[granularity], flops, exact, peak))
-        if results.get("blocks") and results.get("diffusers"):  # the plain step may not fit
-            ratios = [now / then for now, then in zip(results["blocks"], results["diffusers"], strict=True)]
-            print("  blocks / diffusers: {:.2f}x time, {:.2f}x peak, {:.2f}x adds".format(*ratios))
+        counts: dict = {}
+        print(f"\n{num_frames} frames")
+        base, scale = None, None
+        for name in names:
+            setting = SETTINGS[name]
+            flops, exact = step_flops(bench, batch, setting, counts)
+            if scale is None:
+                scale, unit = flop_unit(flops.model if flops else 1e12)
+                print(header(unit))
+            configure(bench, setting)
+            with sdpa_priority(setting.sdpa_backend):
+                result = time_steps(bench, batch, args.warmup, args.steps)
+                traced = []
+                if args.trace and result:
+                    traced = trace_steps(bench, batch, args.trace / f"{num_frames}f-{slug(name)}.json")
+            base = result if name == "original" else base
+            mark = "" if exact else "~"
+            print(format_row(name, result, base, flops, mark, args.batch_size, peak, scale))
+            for line in traced:
+                print(f"      {line}")
+            rows.append(
+                row_record(num_frames, name, setting, result, base, flops, exact, peak, args.batch_size)
+            )
+        uncompile(net)
+        if counts.get((True, False)) is None and counts.get((True, True)) is not None:
+            print("  ~: the plain step is out of memory: counted checkpointed, less its recomputation")
+        saved = [counts.get((single, False)) or counts.get((single, True)) for single in (False, True)]
+        if all(saved):
+            before, after = (c.model for c in saved)
+            attention.append({"frames": num_frames, "diffusers_attention": before, "single_token": after})
+            change = f"{before:.5g} -> {after:.5g} ({after / before - 1:+.2%})"
+            print(f"  the single-token cross-attention's model FLOPs per step: {change}")
     tmp.cleanup()
     settings = {
         "model": what,
         "trainable": args.trainable,
-        "trained_parameters": sum(p.numel() for p in trainable),
+        "trained_parameters": sum(p.numel() for p in selected),
         "width": sizes.width,
         "height": sizes.height,
         "batch_size": args.batch_size,
@@ -479,8 +555,10 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "steps": args.steps,
         "peak_bf16_tflops": peak,
+        "baseline": "original",
     }
-    write(record("bench_train", settings=settings, rows=rows), args.results, "svd_xt" if args.svd_xt else "")
+    result = record("bench_train", settings=settings, rows=rows, model_flops_by_cross_attention=attention)
+    write(result, args.results, "svd_xt" if args.svd_xt else "")
     return 0
 
 

@@ -213,6 +213,7 @@ def build_model(options, config: dict):
     import torch
     from diffusers import UNetSpatioTemporalConditionModel
 
+    from cnx.attention import use_single_token_cross_attention
     from cnx.controlnext import ControlNeXt, ControlNeXtSVD, controlnext_config_for
     from cnx.trainable import select_trainable
 
@@ -221,6 +222,8 @@ def build_model(options, config: dict):
         unet.register_to_config(_name_or_path=config.get("_name_or_path"))
         controlnext = ControlNeXt(**controlnext_config_for(unet.config.block_out_channels[0]))
         model = ControlNeXtSVD(unet, controlnext)
+    if options.single_token_cross_attention:  # the run froze what it leaves unread: the same trained set
+        use_single_token_cross_attention(unet)
     select_trainable(model, options.trainable, options.rank)
     model.to_empty(device="cpu")
     return model, [p for p in model.parameters() if p.requires_grad]  # in select_trainable's order

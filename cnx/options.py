@@ -41,6 +41,10 @@ TRAINABLE = ("full", "selective", "lora", "controlnext")
 WEIGHTS_DTYPES = ("fp32", "bf16")
 CHECKPOINTING = ("blocks", "diffusers")  # what --gradient_checkpointing recomputes (cnx.checkpointing)
 DEFAULT_CHECKPOINTING = "blocks"  # measured by `cnx plan-memory`: the lighter, at a little recomputation
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")  # = cnx.attention.SDPA_BACKENDS
+COMPILE_BACKENDS = ("inductor", "aot_eager")  # --compile_backend
+# What an options file written before a field existed meant by its absence (the older behaviour).
+LEGACY_DEFAULTS = {"single_token_cross_attention": False}
 SECRET_FIELDS = ("hub_token",)  # never written to training_options.json or a launch command
 
 # The original script's other dataset (webvid) and its prompt: flag -> what to use instead.
@@ -138,6 +142,27 @@ class TrainingOptions:
     )
     allow_tf32: bool = flag(False, "allow TF32 matmuls on Ampere and newer GPUs")
     enable_xformers_memory_efficient_attention: bool = flag(False, "use xformers attention")
+    single_token_cross_attention: bool = flag(
+        True,
+        "compute the UNet's cross-attention to its one image token as to_out(to_v(token)): exact, "
+        "faster; its unread norm2/to_q/to_k are frozen, where the original trained them on zero "
+        "gradients (cnx.attention)",
+    )
+    compile: bool = flag(False, "torch.compile each repeated UNet block (cnx.compile); compiles at step 1")
+    compile_backend: str = flag(
+        "inductor",
+        "torch.compile's backend for --compile; aot_eager traces but generates no code (tests, bisecting)",
+        COMPILE_BACKENDS,
+    )
+    fused_adamw: bool = flag(
+        True,
+        "torch's fused AdamW kernel on CUDA and CPU; off: torch's choice (foreach on CUDA, as the original)",
+    )
+    sdpa_backend: str = flag(
+        "auto",
+        "attention kernel tried first, then torch's order; auto: torch's (flash, efficient, math, cudnn)",
+        SDPA_BACKENDS,
+    )
     latent_cache_dir: str | None = flag(
         None,
         "read each clip's VAE posteriors (and the reference's CLIP embedding) from this `cnx cache-latents` "
@@ -262,7 +287,10 @@ class TrainingOptions:
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainingOptions:
-        """Read what `to_json` wrote (the file, or a folder holding it); keys it lacks take defaults."""
+        """Read what `to_json` wrote (the file, or a folder holding it); keys it lacks take defaults.
+
+        Except LEGACY_DEFAULTS: a file from before such a field meant the behaviour of that time.
+        """
         path = _json_path(path)
         try:
             values = json.loads(path.read_text())
@@ -270,6 +298,7 @@ class TrainingOptions:
             raise ValueError(f"{path}: not valid json ({err})") from err
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a json object of options, got {type(values).__name__}")
+        values = LEGACY_DEFAULTS | values
         hints = typing.get_type_hints(cls)
         for name in RETIRED_OPTIONS:  # an older run's options still load (its checkpoints, notebook 05)
             values.pop(name, None)

@@ -179,6 +179,8 @@ def build_models(options, device, weight_dtype: torch.dtype):
     )
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+    from cnx.attention import use_single_token_cross_attention
+    from cnx.compile import compile_repeated_blocks
     from cnx.controlnext import ControlNeXt, ControlNeXtSVD, controlnext_config_for
     from cnx.media import InputError
     from cnx.seeding import derive_seed
@@ -216,8 +218,12 @@ def build_models(options, device, weight_dtype: torch.dtype):
         except ImportError:
             print("cnx train: xformers is not installed; attention uses PyTorch SDPA", file=sys.stderr)
     model = ControlNeXtSVD(unet, controlnext)
+    if options.single_token_cross_attention:  # exact; select_trainable freezes what it leaves unread
+        use_single_token_cross_attention(unet)
     if options.gradient_checkpointing:
         model.enable_gradient_checkpointing(options.checkpointing)
+    if options.compile:  # in place: names and state dicts unchanged; compiles at the first call
+        compile_repeated_blocks(unet, backend=options.compile_backend)
     for frozen in (vae, image_encoder):
         frozen.requires_grad_(False).eval().to(device)
         if frozen.dtype != weight_dtype:  # diffusers warns on every `to(dtype)`, even a no-op

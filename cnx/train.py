@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from cnx import edm, runs
+from cnx.attention import sdpa_priority
 from cnx.seeding import stream_generator
 from cnx.step import Objective, build_models, step_generator, training_step
 from cnx.trainable import (
@@ -239,6 +240,25 @@ def optimizer_step(accelerator, models, data, options, optimizer, trainable, ste
     return epoch, position, loss, torch.cat(sigmas), grad_norm
 
 
+def check_resume_matches(options, checkpoint: Path | None) -> None:
+    """Refuse, before any model loads, a resume whose checkpoint trained another set of tensors.
+
+    --single_token_cross_attention freezes norm2/to_q/to_k of the cross-attention
+    (cnx.attention): the optimizer state of a run without it holds them, one with it does not.
+    """
+    from cnx.options import TrainingOptions
+
+    if checkpoint is None or not (checkpoint / runs.OPTIONS_FILE).is_file():
+        return
+    saved = TrainingOptions.from_json(checkpoint / runs.OPTIONS_FILE).single_token_cross_attention
+    if saved != options.single_token_cross_attention:
+        flag = "--single_token_cross_attention" if saved else "--no_single_token_cross_attention"
+        raise SystemExit(
+            f"cnx train: {checkpoint} was trained with{'' if saved else 'out'} the single-token "
+            f"cross-attention, which decides what trains; resume it with {flag}"
+        )
+
+
 def cpu_kernel_workarounds(unet, device, weight_dtype: torch.dtype):
     """What oneDNN's CPU kernels need under bf16 here (`cnx.cpu_kernels`): without AMX, the UNet's
     temporal Conv3d compute as the same Conv2d (their bf16 weight gradients were NaN or changed
@@ -324,10 +344,13 @@ def train(options) -> Path:
             options.validation_image_folder, options.validation_control_folder, options.validation_image
         )
 
+    check_resume_matches(options, runs.resolve_resume(options.resume_from_checkpoint, output_dir))
+
     # Models, what trains, optimizer and schedule.
     models, scheduler = build_models(options, accelerator.device, weight_dtype)
-    kernels = contextlib.ExitStack()  # CPU kernel workarounds, undone when the loop ends
+    kernels = contextlib.ExitStack()  # CPU kernel workarounds and the attention kernel order, until the end
     kernels.enter_context(cpu_kernel_workarounds(models.model.unet, accelerator.device, weight_dtype))
+    kernels.enter_context(sdpa_priority(options.sdpa_backend))
     trainable = select_trainable(models.model, options.trainable, options.rank)
     if options.weights_dtype == "bf16":  # trained and frozen alike; the optimizer keeps the precision
         models.model.to(torch.bfloat16)
