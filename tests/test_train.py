@@ -1,5 +1,6 @@
 """The step, what trains, data order, checkpoints; real runs of `python -m cnx.train`."""
 
+import dataclasses
 import json
 import math
 import os
