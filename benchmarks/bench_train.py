@@ -55,6 +55,12 @@ use --threads 1: two OpenMP threads beside other work stall for seconds per step
 The GPU suite (one H100, full training at 14 frames, the five GPU_ROWS; two of them compile):
 
     python benchmarks/bench_train.py --svd_xt --frames 14 --trace $OUT/traces
+
+The memory suite (one GPU): each trainable set at 14 and 21 frames, the original's row, cnx with
+diffusers' checkpointing, cnx (blocks) and cnx with a latent cache, each row beside `cnx
+plan-memory`'s prediction for it (measured / planned), no FLOP counts, 3 timed steps a row:
+
+    python benchmarks/bench_train.py --svd_xt --suite      # bench_train_suite_svd_xt.json
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
+import json
 import re
 import statistics
 import tempfile
@@ -83,7 +90,7 @@ from cnx.attention import (
 from cnx.compile import compile_repeated_blocks, uncompile
 from cnx.flops import Counted, StepFlops, count
 from cnx.flops import peak_tflops as peak_of
-from cnx.options import TRAINABLE, parse_options
+from cnx.options import DEFAULT_CHECKPOINTING, TRAINABLE, parse_options
 from cnx.profiles import DATA_SAMPLES, TINY, quiet_known_warnings
 from cnx.profiling import summarize
 from cnx.step import Models, Objective, build_models, step_generator, training_step
@@ -97,22 +104,25 @@ TRACE_STEPS = 3
 class Setting:
     """One row: how the step runs."""
 
-    checkpointing: bool = True
+    checkpointing: str | None = DEFAULT_CHECKPOINTING  # --checkpointing; None: no gradient checkpointing
     single_token: bool = True  # --single_token_cross_attention
     fused_adamw: bool = True  # --fused_adamw
     compile: bool = False  # --compile
     sdpa_backend: str = "auto"  # --sdpa_backend
+    latent_cache: bool = False  # --latent_cache_dir: the batch holds posteriors, no VAE encoding of the clip
 
 
-ORIGINAL = Setting(single_token=False, fused_adamw=False)
+ORIGINAL = Setting(checkpointing="diffusers", single_token=False, fused_adamw=False)
 SETTINGS = {
     "original": ORIGINAL,  # the baseline: the original code's configuration
     "cnx": Setting(),  # cnx train's defaults (with --gradient_checkpointing)
     "cnx+compile": Setting(compile=True),
     "cnx+cudnn": Setting(sdpa_backend="cudnn"),
     "cnx+compile+cudnn": Setting(compile=True, sdpa_backend="cudnn"),
-    "cnx, no checkpointing": Setting(checkpointing=False),
-    "original, no checkpointing": dataclasses.replace(ORIGINAL, checkpointing=False),
+    "cnx, diffusers checkpointing": Setting(checkpointing="diffusers"),
+    "cnx+cache": Setting(latent_cache=True),
+    "cnx, no checkpointing": Setting(checkpointing=None),
+    "original, no checkpointing": dataclasses.replace(ORIGINAL, checkpointing=None),
 }
 CPU_ROWS = ("original", "cnx")
 GPU_ROWS = ("original", "cnx", "cnx+compile", "cnx+cudnn", "cnx+compile+cudnn")
@@ -157,6 +167,19 @@ def random_batch(batch_size: int, num_frames: int, height: int, width: int) -> d
         "reference_image": torch.rand(batch_size, 3, height, width, generator=g) * 2 - 1,
         "hand_weights": torch.ones(batch_size, num_frames, 1, height, width),
     }
+
+
+def cached_batch(batch: dict, models: Models) -> dict:
+    """`batch` as a latent cache's `CachedClipDataset` collates it: the clip's VAE posteriors
+    (B, F, 2C, H/8, W/8) and the reference's CLIP embedding (B, 1, D) instead of its pixels."""
+    b, f, _, h, w = batch["pixel_values"].shape
+    channels = models.vae.config.latent_channels
+    dim = models.image_encoder.config.projection_dim
+    g = torch.Generator().manual_seed(1)
+    cached = {k: v for k, v in batch.items() if k != "pixel_values"}
+    cached["latent_parameters"] = torch.randn(b, f, 2 * channels, h // 8, w // 8, generator=g)
+    cached["reference_embedding"] = torch.randn(b, 1, dim, generator=g)
+    return cached
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +257,7 @@ def configure(bench: Bench, setting: Setting) -> None:
     else:
         use_default_cross_attention(net.unet)
     if setting.checkpointing:
-        net.enable_gradient_checkpointing()
+        net.enable_gradient_checkpointing(setting.checkpointing)
     else:
         net.disable_gradient_checkpointing()
     bench.trainable = [p for p in net.parameters() if p.requires_grad]
@@ -264,17 +287,17 @@ def step_flops(bench: Bench, batch: dict, setting: Setting, counts: dict) -> tup
     Counts are taken eagerly with `setting`'s attention and checkpointing; call before compiling.
     """
 
-    def counted(single_token: bool, checkpointing: bool) -> Counted | None:
-        key = (single_token, checkpointing)
+    def counted(single_token: bool, checkpointing: str | None, cache: bool = False) -> Counted | None:
+        key = (single_token, checkpointing, cache)
         if key not in counts:
             configure(bench, Setting(checkpointing, single_token, fused_adamw=False))
-            counts[key] = count_step(bench, batch)
+            counts[key] = count_step(bench, cached_batch(batch, bench.models) if cache else batch)
         return counts[key]
 
-    useful, exact = counted(True, False), True
+    useful, exact = counted(True, None), True
     if useful is None:  # the plain step does not fit: the checkpointed one, less its recomputation
-        useful, exact = counted(True, True), False
-    own = counted(setting.single_token, setting.checkpointing)
+        useful, exact = counted(True, DEFAULT_CHECKPOINTING), False
+    own = counted(setting.single_token, setting.checkpointing, setting.latent_cache)
     if useful is None or own is None:
         return None, exact
     return StepFlops(model=useful.model, hardware=own.total), exact
@@ -347,7 +370,8 @@ def flop_unit(flops: float) -> tuple[float, str]:
 def describe(setting: Setting) -> str:
     return ", ".join(
         [
-            "checkpointing" if setting.checkpointing else "no checkpointing",
+            f"checkpointing {setting.checkpointing}" if setting.checkpointing else "no checkpointing",
+            *(["latent cache"] if setting.latent_cache else []),
             "single-token cross-attention" if setting.single_token else "diffusers' attention",
             "fused AdamW" if setting.fused_adamw else "torch's default AdamW",
             "compiled blocks" if setting.compile else "eager",
@@ -419,6 +443,56 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9+]+", "-", name.lower()).strip("-")
 
 
+def planned(trainable: str, num_frames: int, setting: Setting, measured_gib: float | None) -> dict:
+    """`cnx plan-memory`'s total for the row's setting on one GPU without ZeRO (no reserve)."""
+    from cnx.memory import MemoryOptions, plan_memory
+
+    checkpointing = {"gradient_checkpointing": setting.checkpointing is not None}
+    if setting.checkpointing:
+        checkpointing["checkpointing"] = setting.checkpointing
+    options = MemoryOptions(
+        profile="full",
+        trainable=trainable,
+        sample_n_frames=num_frames,
+        latent_cache=setting.latent_cache,
+        reserve_gb=0,
+        **checkpointing,
+    )
+    total = plan_memory(options).total_bytes / GIB
+    row = {"planned_gib": round(total, 3)}
+    if measured_gib:
+        row["measured_vs_planned"] = round(measured_gib / total, 4)
+    return row
+
+
+SUITE_ROWS = ("original", "cnx, diffusers checkpointing", "cnx", "cnx+cache")
+
+
+def suite(args) -> int:
+    """The memory issue's GPU suite: each trainable set in turn (a fresh model each), SUITE_ROWS at
+    14 and 21 frames, 1 warm-up and 3 timed steps a row, no FLOP counts; one record of every row."""
+    if not args.svd_xt or not torch.cuda.is_available():
+        raise SystemExit(
+            "bench_train.py: --suite runs SVD-xt on a GPU: give --svd_xt, on a machine with CUDA"
+        )
+    rows, started = [], time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cnx-suite-") as tmp:
+        for trainable in TRAINABLE:
+            out = Path(tmp) / f"{trainable}.json"
+            argv = ["--svd_xt", "--trainable", trainable, "--frames", "14", "21", "--rows", *SUITE_ROWS]
+            main([*argv, "--warmup", "1", "--steps", "3", "--no_flops", "--results", str(out)])
+            part = json.loads(out.read_text())
+            rows += [row | {"trainable": trainable} for row in part["rows"]]
+            release_memory(torch.device("cuda"))
+    minutes = (time.perf_counter() - started) / 60
+    result = record(
+        "bench_train_suite", settings={"rows": SUITE_ROWS, "minutes": round(minutes, 1)}, rows=rows
+    )
+    write(result, args.results, "svd_xt")
+    print(f"suite: {len(rows)} rows in {minutes:.1f} minutes")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--svd_xt", action="store_true", help="SVD-xt's architecture at 576x1024 (a GPU)")
@@ -443,7 +517,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak bf16 TFLOP/s")
     parser.add_argument("--trace", type=Path, default=None, help="write a profiler trace of each row here")
     parser.add_argument("--results", type=Path, default=None, help="write the record here, not in results/")
+    parser.add_argument("--no_flops", dest="flops", action="store_false", help="skip the FLOP counts")
+    parser.add_argument(
+        "--suite",
+        action="store_true",
+        help="with --svd_xt: every trainable set at 14 and 21 frames, checkpointing diffusers vs blocks, "
+        "cache off vs on, each beside cnx plan-memory's prediction (bench_train_svd_xt_suite.json)",
+    )
     args = parser.parse_args(argv)
+    if args.suite:
+        return suite(args)
     torch.set_num_threads(args.threads)
     quiet_known_warnings(cpu=not torch.cuda.is_available())
     from diffusers.utils import logging as diffusers_logging
@@ -515,28 +598,42 @@ def main(argv: list[str] | None = None) -> int:
         base, scale = None, None
         for name in names:
             setting = SETTINGS[name]
-            flops, exact = step_flops(bench, batch, setting, counts)
+            flops, exact = step_flops(bench, batch, setting, counts) if args.flops else (None, True)
             if scale is None:
                 scale, unit = flop_unit(flops.model if flops else 1e12)
                 print(header(unit))
             configure(bench, setting)
+            step_batch = cached_batch(batch, models) if setting.latent_cache else batch
             with sdpa_priority(setting.sdpa_backend):
-                result = time_steps(bench, batch, args.warmup, args.steps)
+                result = time_steps(bench, step_batch, args.warmup, args.steps)
                 traced = []
                 if args.trace and result:
-                    traced = trace_steps(bench, batch, args.trace / f"{num_frames}f-{slug(name)}.json")
+                    traced = trace_steps(bench, step_batch, args.trace / f"{num_frames}f-{slug(name)}.json")
             base = result if name == "original" else base
             mark = "" if exact else "~"
             print(format_row(name, result, base, flops, mark, args.batch_size, peak, scale))
             for line in traced:
                 print(f"      {line}")
-            rows.append(
-                row_record(num_frames, name, setting, result, base, flops, exact, peak, args.batch_size)
-            )
+            row = row_record(num_frames, name, setting, result, base, flops, exact, peak, args.batch_size)
+            if args.svd_xt:  # the planner's prediction for the same setting, beside the measurement
+                row |= planned(args.trainable, num_frames, setting, row.get("peak_gib"))
+                print(
+                    f"      plan-memory: {row['planned_gib']:.2f} GiB"
+                    + (
+                        f", measured / planned {row['measured_vs_planned']:.3f}"
+                        if "measured_vs_planned" in row
+                        else ""
+                    )
+                )
+            rows.append(row)
         uncompile(net)
-        if counts.get((True, False)) is None and counts.get((True, True)) is not None:
+        plain, checkpointed = (counts.get((True, mode, False)) for mode in (None, DEFAULT_CHECKPOINTING))
+        if counts and plain is None and checkpointed is not None:
             print("  ~: the plain step is out of memory: counted checkpointed, less its recomputation")
-        saved = [counts.get((single, False)) or counts.get((single, True)) for single in (False, True)]
+        saved = [
+            counts.get((single, None, False)) or counts.get((single, DEFAULT_CHECKPOINTING, False))
+            for single in (False, True)
+        ]
         if all(saved):
             before, after = (c.model for c in saved)
             attention.append({"frames": num_frames, "diffusers_attention": before, "single_token": after})
