@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the record here, not in results/")
     parser.add_argument("--work_dir", type=Path, default=None, help="keep the run here (default: temporary)")
     parser.add_argument(
-        "--grid", type=Path, default=None, help="write the first held-out dancer's videos here (PNG)"
+        "--grid", type=Path, default=None, help="write the first held-out dancer's videos here (PNG or JPEG)"
     )
     parser.add_argument("extra", nargs="*", help="training flags, e.g. -- --max_train_steps=100")
     args = parser.parse_args(argv)
