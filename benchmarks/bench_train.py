@@ -60,7 +60,7 @@ The memory suite (one GPU): each trainable set at 14 and 21 frames, the original
 diffusers' checkpointing, cnx (blocks) and cnx with a latent cache, each row beside `cnx
 plan-memory`'s prediction for it (measured / planned), no FLOP counts, 3 timed steps a row:
 
-    python benchmarks/bench_train.py --svd_xt --suite      # bench_train_suite_svd_xt.json
+    python benchmarks/bench_train.py --svd_xt --suite      # the record: bench_train_suite, svd_xt
 """
 
 from __future__ import annotations
@@ -455,6 +455,7 @@ def planned(trainable: str, num_frames: int, setting: Setting, measured_gib: flo
         trainable=trainable,
         sample_n_frames=num_frames,
         latent_cache=setting.latent_cache,
+        single_token_cross_attention=setting.single_token,
         reserve_gb=0,
         **checkpointing,
     )
@@ -522,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         "--suite",
         action="store_true",
         help="with --svd_xt: every trainable set at 14 and 21 frames, checkpointing diffusers vs blocks, "
-        "cache off vs on, each beside cnx plan-memory's prediction (bench_train_svd_xt_suite.json)",
+        "cache off vs on, each beside cnx plan-memory's prediction (results: bench_train_suite_svd_xt)",
     )
     args = parser.parse_args(argv)
     if args.suite:

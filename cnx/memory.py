@@ -118,6 +118,9 @@ class MemoryOptions:
         DEFAULT_CHECKPOINTING, "what checkpointing recomputes, as `cnx train --checkpointing`", CHECKPOINTING
     )
     latent_cache: bool = flag(False, "train from a latent cache: the batch holds posteriors, not pixels")
+    single_token_cross_attention: bool = flag(
+        True, "the cross-attention to one token as to_out(to_v(token)), as `cnx train`'s default"
+    )
     per_gpu_batch_size: int = flag(1, "clips per GPU per micro-batch")
     sample_n_frames: int | None = flag(None, "frames per clip; default: the profile's")
     width: int | None = flag(None, "pixels, a multiple of 8; default: the profile's")
@@ -266,9 +269,19 @@ def tiny_components():
     return unet, vae, image_encoder, ControlNeXt(**controlnext_config_for(tiny.unet_width))
 
 
-@functools.lru_cache(maxsize=4)
-def meta_models(profile: str, trainable: str, rank: int):
-    """(ControlNeXtSVD with `trainable` selected, [vae, image_encoder]), all on the meta device."""
+def meta_models(profile: str, trainable: str, rank: int, single_token: bool = True):
+    """(ControlNeXtSVD with `trainable` selected, [vae, image_encoder]), all on the meta device.
+
+    `single_token`: the UNet's cross-attention as `cnx train --single_token_cross_attention` (the
+    default) runs it, its unread query path frozen (`cnx.attention`). One build per setting and
+    process, however the arguments are spelled.
+    """
+    return _meta_models(profile, trainable, rank, single_token)
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_models(profile: str, trainable: str, rank: int, single_token: bool):
+    from cnx.attention import use_single_token_cross_attention
     from cnx.controlnext import ControlNeXtSVD
     from cnx.trainable import select_trainable
 
@@ -276,6 +289,8 @@ def meta_models(profile: str, trainable: str, rank: int):
     unet, vae, image_encoder, controlnext = build()
     # .to("meta"): a few diffusers parameters are made with torch.Tensor([...]), which ignores the device.
     model = ControlNeXtSVD(unet, controlnext).to("meta")
+    if single_token:
+        use_single_token_cross_attention(model.unet)
     select_trainable(model, trainable, rank)
     return model, [vae.to("meta"), image_encoder.to("meta")]
 
@@ -316,11 +331,15 @@ class SavedBytes:
         self.exclude = exclude  # storages not to count: the weights, the batch
         self.levels: list[dict[int, int]] = [{}]  # storage id -> bytes, outermost first
         self.recompute = [0]  # per level: the largest recompute peak of its blocks
+        # Every storage seen, held until the count is done: a freed one's id could be reused by a
+        # later tensor, which would then go uncounted (the count varied from run to run).
+        self.seen: list = []
 
     def _add(self, tensor: torch.Tensor, level: dict[int, int]) -> None:
         storage = tensor.untyped_storage()
         if storage._cdata not in self.exclude:
             level[storage._cdata] = storage.nbytes()
+            self.seen.append(storage)
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
         self._add(tensor, self.levels[-1])
@@ -526,7 +545,7 @@ def plan_memory(options: MemoryOptions) -> MemoryPlan:
     if problems:
         raise ValueError("; ".join(problems))
     o = options.resolved()
-    model, frozen = meta_models(o.profile, o.trainable, o.rank)
+    model, frozen = meta_models(o.profile, o.trainable, o.rank, o.single_token_cross_attention)
     dtype = HALF.get(o.mixed_precision, torch.float32)
     clip = (o.per_gpu_batch_size, o.sample_n_frames, o.height, o.width)
     plan = MemoryPlan(
@@ -552,7 +571,9 @@ def max_frames(plan: MemoryPlan, model, dtype: torch.dtype) -> int:
     o = plan.options
     budget = (o.gpu_memory_gb - o.reserve_gb) * GiB
     fixed = plan.total_bytes - plan.batch - plan.activations
-    latents = cached_latents(o, meta_models(o.profile, o.trainable, o.rank)[1])
+    latents = cached_latents(
+        o, meta_models(o.profile, o.trainable, o.rank, o.single_token_cross_attention)[1]
+    )
 
     @functools.cache
     def total(frames: int) -> int:
