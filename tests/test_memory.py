@@ -157,7 +157,7 @@ def test_fit_lists_each_setting_that_fits_with_its_own_max_frames(capsys):
     settings = {(r["trainable"], r["checkpointing"], r["latent_cache"], r["optimizer"]) for r in rows}
     assert len(settings) == len(rows) and 0 < len(rows) < 96  # some fit, not all
     assert [r["max_frames"] for r in rows] == sorted((r["max_frames"] for r in rows), reverse=True)
-    for row in rows[:: max(1, len(rows) // 6)]:  # a few rows, replanned alone
+    for row in (rows[0], rows[-1]):  # the first and the last, replanned alone
         fields = (
             memory.CHECKPOINTING_SETTINGS[row["checkpointing"]] | memory.OPTIMIZER_SETTINGS[row["optimizer"]]
         )
