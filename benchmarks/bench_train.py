@@ -60,7 +60,7 @@ The memory suite (one GPU): each trainable set at 14 and 21 frames, the original
 diffusers' checkpointing, cnx (blocks) and cnx with a latent cache, each row beside `cnx
 plan-memory`'s prediction for it (measured / planned), no FLOP counts, 3 timed steps a row:
 
-    python benchmarks/bench_train.py --svd_xt --suite      # the record: bench_train_suite, svd_xt
+    python benchmarks/bench_train.py --svd_xt --suite      # results: bench_train_suite_svd_xt
 """
 
 from __future__ import annotations
@@ -486,10 +486,8 @@ def suite(args) -> int:
             rows += [row | {"trainable": trainable} for row in part["rows"]]
             release_memory(torch.device("cuda"))
     minutes = (time.perf_counter() - started) / 60
-    result = record(
-        "bench_train_suite", settings={"rows": SUITE_ROWS, "minutes": round(minutes, 1)}, rows=rows
-    )
-    write(result, args.results, "svd_xt")
+    result = record("bench_train", settings={"suite": SUITE_ROWS, "minutes": round(minutes, 1)}, rows=rows)
+    write(result, args.results, "suite_svd_xt")
     print(f"suite: {len(rows)} rows in {minutes:.1f} minutes")
     return 0
 
