@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test lint lab learner-path clean
+.PHONY: venv demo test lint lab learner-path gpu-suite clean
 
 # torch first, from the exact pin (a CPU wheel here), so the package install never pulls another torch.
 $(BIN)/cnx: pyproject.toml
@@ -44,6 +44,12 @@ test: lint
 # run); fails when a cell fails or the two take longer than the budget in benchmarks/learner_path.py.
 learner-path: venv
 	$(BIN)/python benchmarks/learner_path.py
+
+# On one GPU (80 GB): cnx's speed options against the original's step at 14 frames, with a profiler trace
+# of each row, then the loss curves of the original's configuration and cnx's (compiled) from one seed.
+gpu-suite: venv
+	$(BIN)/python benchmarks/bench_train.py --svd_xt --frames 14 --trace .cache/traces
+	$(BIN)/python benchmarks/loss_match.py --compile
 
 lab: venv
 	$(BIN)/jupyter lab notebooks
