@@ -32,7 +32,9 @@ older than tensorboard accepts; MediaPipe's classic solutions need neither.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 import numpy as np
 
@@ -67,6 +69,25 @@ def _import_mediapipe():
             f"`pip install --no-deps {MEDIAPIPE_PACKAGE}=={MEDIAPIPE_VERSION}` (`make venv` does both)"
         ) from error
     return mp
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Standard error (file descriptor 2) sent to /dev/null for the duration.
+
+    A new graph loads its models on the first frame, and MediaPipe's C++ logging writes a
+    dozen warnings per graph straight to descriptor 2 (GLOG_minloglevel does not reach it):
+    one run over a folder would print them for every video. Failures still raise.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _landmarks(landmark_list, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,6 +150,7 @@ class MediaPipePoseDetector:
         self.video, self.model_complexity, self.min_confidence = video, model_complexity, min_confidence
         self._mp = _import_mediapipe()
         self._graph = None
+        self._started = False  # whether the graph has seen a frame (and loaded its models)
         self.reset()
 
     def reset(self) -> None:
@@ -140,6 +162,7 @@ class MediaPipePoseDetector:
             min_detection_confidence=self.min_confidence,
             min_tracking_confidence=self.min_confidence,
         )
+        self._started = False
 
     def close(self) -> None:
         if self._graph is not None:
@@ -156,7 +179,13 @@ class MediaPipePoseDetector:
         frame = np.asarray(frame)
         if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
             raise ValueError(f"a frame must be (H, W, 3) uint8 RGB, got {frame.shape} {frame.dtype}")
-        result = self._graph.process(np.ascontiguousarray(_resized(frame)))
+        image = np.ascontiguousarray(_resized(frame))
+        if self._started:
+            result = self._graph.process(image)
+        else:
+            with _quiet_stderr():
+                result = self._graph.process(image)
+            self._started = True
         if result.pose_landmarks is None:
             return np.zeros((18, 2)), np.zeros(18), np.zeros((2, 21, 2)), np.zeros((2, 21)), None
         points, visibility = _landmarks(result.pose_landmarks, 33)

@@ -468,11 +468,14 @@ def extract_pose_video(
     threshold: float = 0.3,
     chunk_size: int = 32,
     crf: int = 18,
+    progress: bool = True,
 ) -> list[dict]:
     """Run `detector` on every frame of a video; write the pose video and per-frame json.
 
     The pose video has the source's size, frame count and frame rate, drawn by
     `draw_pose`; the json is a list with one `detection_entry` per frame. Returns it.
+    A frame where the detector found no person (box None) is drawn black and its
+    entry has `"boxes": []`, so the loss weights and `cnx check-data` see it as missing.
     """
     from tqdm.auto import tqdm
 
@@ -487,7 +490,8 @@ def extract_pose_video(
     entries: list[dict] = []
 
     def pose_frames():
-        with tqdm(total=num_frames, desc=f"poses {video_path.name}", unit="frame") as bar:
+        bar = tqdm(total=num_frames, desc=video_path.name, unit="frame", leave=False, disable=not progress)
+        with bar:
             for start in range(0, num_frames, chunk_size):
                 frames = read_frames(reader, range(start, min(start + chunk_size, num_frames)))
                 for offset, frame in enumerate(frames):
@@ -500,7 +504,10 @@ def extract_pose_video(
                     body, body_scores, hands, hand_scores, person_box = detection
                     try:
                         entries.append(detection_entry(person_box, hands, hand_scores))
-                        image = draw_pose(body, body_scores, hands, hand_scores, height, width, threshold)
+                        if person_box is None:
+                            image = np.zeros((height, width, 3), dtype=np.uint8)
+                        else:
+                            image = draw_pose(body, body_scores, hands, hand_scores, height, width, threshold)
                     except ValueError as error:
                         raise ValueError(f"{video_path} frame {start + offset}: {error}") from error
                     yield image
