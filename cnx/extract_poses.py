@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,6 +180,7 @@ def extract_poses(
     output_dir = Path(output_dir)
     videos = video_files(video_dir)
     duplicates = _duplicate_stems(videos)
+    shutil.rmtree(output_dir / PARTIAL, ignore_errors=True)  # an interrupted run's unfinished files
     results = []
     for video in tqdm(videos, desc="videos", unit="video", disable=not progress):
         if video in duplicates:

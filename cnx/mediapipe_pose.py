@@ -35,6 +35,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -45,6 +47,13 @@ MEDIAPIPE_VERSION = "0.10.21"
 BLAZEPOSE_TO_OPENPOSE = (0, -1, 12, 14, 16, 11, 13, 15, 24, 26, 28, 23, 25, 27, 5, 2, 8, 7)
 BLAZEPOSE_SHOULDERS = (11, 12)
 BLAZEPOSE_WRISTS = (15, 16)  # left, right: where a missing hand's box goes
+
+# The body landmark model of each model_complexity; the wheel ships only 1's (MediaPipe downloads the others).
+POSE_LANDMARK_MODELS = {
+    0: "pose_landmark_lite.tflite",
+    1: "pose_landmark_full.tflite",
+    2: "pose_landmark_heavy.tflite",
+}
 
 # Frames are enlarged to at least this many pixels on their shorter side before detection:
 # the landmark models see a 256x256 crop, and the tiny profile's 128-pixel frames lose hands.
@@ -140,7 +149,8 @@ class MediaPipePoseDetector:
 
     `video=True` tracks the person from frame to frame (faster and steadier, for the
     frames of one video in order: call `reset()` before the next video); `video=False`
-    treats every frame on its own. `model_complexity` 0, 1 or 2 trades speed for accuracy.
+    treats every frame on its own. `model_complexity` 0, 1 or 2 trades speed for accuracy,
+    but only 1's body model is in the wheel: 0 and 2 need their model file put in place.
     Use it as a context manager, or call `close()`, to free MediaPipe's graph.
     """
 
@@ -149,22 +159,26 @@ class MediaPipePoseDetector:
             raise ValueError(f"model_complexity must be 0, 1 or 2, got {model_complexity}")
         self.video, self.model_complexity, self.min_confidence = video, model_complexity, min_confidence
         self._mp = _import_mediapipe()
-        self._graph = None
-        self._started = False  # whether the graph has seen a frame (and loaded its models)
-        self.reset()
+        model = (
+            Path(self._mp.__file__).parent
+            / "modules"
+            / "pose_landmark"
+            / POSE_LANDMARK_MODELS[model_complexity]
+        )
+        if not model.is_file():  # MediaPipe would fetch it from the internet, or fail without one
+            raise FileNotFoundError(
+                f"{model}: model_complexity {model_complexity} needs this model, which the "
+                f"{MEDIAPIPE_PACKAGE} wheel does not ship (it carries model_complexity 1's); use "
+                "model_complexity=1, or put the file there yourself"
+            )
+        self._graph = None  # made on the first frame (a graph loads its models then, or when closed)
 
     def reset(self) -> None:
-        """Forget the tracked person: a fresh graph, for the next video."""
+        """Forget the tracked person: the next frame starts a fresh graph, for the next video."""
         self.close()
-        self._graph = self._mp.solutions.holistic.Holistic(
-            static_image_mode=not self.video,
-            model_complexity=self.model_complexity,
-            min_detection_confidence=self.min_confidence,
-            min_tracking_confidence=self.min_confidence,
-        )
-        self._started = False
 
     def close(self) -> None:
+        """Free MediaPipe's graph (the detector stays usable: the next frame makes a new one)."""
         if self._graph is not None:
             self._graph.close()
             self._graph = None
@@ -180,12 +194,19 @@ class MediaPipePoseDetector:
         if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
             raise ValueError(f"a frame must be (H, W, 3) uint8 RGB, got {frame.shape} {frame.dtype}")
         image = np.ascontiguousarray(_resized(frame))
-        if self._started:
+        if self._graph is not None:
             result = self._graph.process(image)
         else:
-            with _quiet_stderr():
+            with _quiet_stderr(), warnings.catch_warnings():
+                # MediaPipe reads FieldDescriptor.label, which protobuf 6 deprecates (and 7 removed).
+                warnings.filterwarnings("ignore", "label\\(\\) is deprecated", DeprecationWarning)
+                self._graph = self._mp.solutions.holistic.Holistic(
+                    static_image_mode=not self.video,
+                    model_complexity=self.model_complexity,
+                    min_detection_confidence=self.min_confidence,
+                    min_tracking_confidence=self.min_confidence,
+                )
                 result = self._graph.process(image)
-            self._started = True
         if result.pose_landmarks is None:
             return np.zeros((18, 2)), np.zeros(18), np.zeros((2, 21, 2)), np.zeros((2, 21)), None
         points, visibility = _landmarks(result.pose_landmarks, 33)
