@@ -236,11 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video_dir", required=True, help="folder of RGB videos")
     parser.add_argument("--output_dir", required=True, help="writes poses/, meta/ and extract_report.json")
     parser.add_argument("--overwrite", action="store_true", help="redo videos whose outputs are complete")
-    parser.add_argument("--model_complexity", type=int, default=1, choices=(0, 1, 2), help="MediaPipe model")
+    parser.add_argument(
+        "--model_complexity",
+        type=int,
+        default=1,
+        choices=(0, 1, 2),
+        help="MediaPipe's body model (only 1 ships in the wheel)",
+    )
     parser.add_argument(
         "--min_detected", type=float, default=0.5, help="flag a video with a person in fewer of its frames"
     )
-    parser.add_argument("--detector", choices=("mediapipe", "dwpose"), default="mediapipe")
+    parser.add_argument(
+        "--detector", choices=("mediapipe", "dwpose"), default="mediapipe", help="dwpose: your onnx models"
+    )
     parser.add_argument("--dwpose_det", help="--detector dwpose: the person detector onnx (e.g. YOLOX)")
     parser.add_argument("--dwpose_pose", help="--detector dwpose: the whole-body pose onnx (DWPose)")
     parser.add_argument("--device", default="cpu", help="--detector dwpose: onnxruntime device")
