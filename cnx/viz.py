@@ -111,6 +111,36 @@ def frame_strip(video_frames, pose_frames, detections, indices):
     return fig
 
 
+def detection_panels(frame, pose_frame, frame_detections, overlay=None, title=None):
+    """What a detector made of one frame: the frame, its drawn pose, and its boxes (see `draw_boxes`).
+
+    frame (H, W, 3) uint8; pose_frame the pose image drawn for it; frame_detections a
+    `cnx.meta.FrameDetections`, drawn on the third panel over `overlay` when given (e.g. the frame
+    with the pose laid on it by `cnx.overlay.overlay_pose`), else over the frame.
+    """
+    import matplotlib.pyplot as plt
+
+    frame = _numpy(frame)
+    boxed = frame if overlay is None else _numpy(overlay)
+    if boxed.shape != frame.shape:
+        raise ValueError(f"the overlay {boxed.shape} and the frame {frame.shape} differ in shape")
+    height, width = frame.shape[:2]
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4 * height / width + 0.6))
+    axes[0].imshow(frame)
+    axes[1].imshow(_numpy(pose_frame))
+    axes[2].imshow(boxed)
+    draw_boxes(axes[2], frame_detections, width, height)
+    axes[0].set_title("frame", fontsize=9)
+    axes[1].set_title("pose drawn", fontsize=9)
+    axes[2].set_title(("pose over the frame, " if overlay is not None else "") + "boxes", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def clip_timeline(clips, labels, num_frames):
     """One row per `cnx.data.ClipIndices`: the frames it reads in a video of `num_frames` frames.
 

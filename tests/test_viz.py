@@ -133,6 +133,29 @@ def test_frame_figures_have_the_promised_axes():
     plt.close(fig)
 
 
+def test_detection_panels_show_frame_pose_and_boxes_over_the_overlay():
+    import pytest
+
+    frame = np.full((24, 16, 3), 100, np.uint8)
+    pose = np.zeros_like(frame)
+    overlay = frame.copy()
+    overlay[5, 5] = (255, 0, 0)
+    fig = viz.detection_panels(frame, pose, _detections(), overlay=overlay, title="photo")
+    assert [ax.get_title() for ax in fig.axes] == ["frame", "pose drawn", "pose over the frame, boxes"]
+    assert [len(ax.patches) for ax in fig.axes] == [0, 0, 3]  # one person, two hands, on the last panel
+    np.testing.assert_array_equal(fig.axes[2].images[0].get_array(), overlay)
+    np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), frame)
+    assert fig.get_suptitle() == "photo"
+    plt.close(fig)
+    fig = viz.detection_panels(frame, pose, _detections())  # no overlay: the boxes go on the frame
+    assert fig.axes[2].get_title() == "boxes"
+    np.testing.assert_array_equal(fig.axes[2].images[0].get_array(), frame)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="differ in shape"):
+        viz.detection_panels(frame, pose, _detections(), overlay=overlay[:12])
+    plt.close("all")
+
+
 def test_clip_timeline_one_row_per_clip():
     from cnx.data import sample_clip, sample_generator
 
