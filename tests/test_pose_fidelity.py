@@ -138,8 +138,8 @@ def dancer():
 
 
 def test_mediapipe_scores_truth_above_shuffled_poses_and_a_still_video(detector, dancer):
-    """Measured here: truth PCK 1.0, joint error 0.017, contrast 0.07; shuffled 0.78, 0.079, 0.001;
-    still 0.69, 0.095, 0 (and over all 72 frames of every dancer: benchmarks/results/pose_fidelity.json)."""
+    """Thresholds: these nine frames' figures with a margin (all 72 frames of every dancer, at two
+    sizes: benchmarks/results/bench_pose_fidelity.json)."""
     frames, poses = dancer
     truth = metrics.pose_metrics(frames, poses, detector)
     shuffled = metrics.pose_metrics(frames, poses.take(np.random.default_rng(0).permutation(9)), detector)
