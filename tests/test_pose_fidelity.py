@@ -119,6 +119,8 @@ def test_detector_scorer_detects_each_video_once_from_a_fresh_state():
     assert figures["pose_contrast"] == pytest.approx(np.mean(others - 0.01))
     metrics.pose_metrics(frames[::-1].copy(), driving, detector)
     assert (detector.calls, detector.resets) == (10, 2)
+    alone = metrics.pose_error(frames, driving, detector)  # the three figures without the contrast
+    assert alone == pytest.approx({k[len("pose_") :]: v for k, v in figures.items() if k != "pose_contrast"})
 
 
 @pytest.fixture(scope="module")
