@@ -22,9 +22,18 @@ and their mean (lower is better), and a third figure that only motion can earn:
   against colours along the same limb of the reference pose in the reference
   image. Where the person follows the pose, the limbs sit where the skeleton says.
 - `DetectorScorer` for real data: any keypoint detector with `cnx.pose`'s
-  `PoseDetector` interface (the DWPose adapter, `cnx.pose.load_dwpose_detector`)
-  finds the generated person's keypoints; S is their distance to the driving
-  keypoints in units of the driving person's height.
+  `PoseDetector` interface (MediaPipe, `cnx.mediapipe_pose`; the DWPose adapter,
+  `cnx.pose.load_dwpose_detector`) finds the generated person's keypoints; S is
+  their distance to the driving keypoints in units of the driving person's height.
+
+A detector also gives the usual pose-estimation figures of a video against its
+driving poses, frame t against pose t (`pose_error`, `pose_metrics`): PCK, the
+fraction of the driving keypoints found within PCK_ALPHA of the person's height
+(`person_heights`: the vertical extent of the driving pose's confident keypoints)
+of where they should be, a missed keypoint counting as wrong; the mean joint
+error of those found, in person heights; and the fraction of frames where a
+person was found. The maths (`keypoint_distances`, `pck_and_joint_error`,
+`pose_error_of`) is plain numpy on keypoint arrays, apart from the detection.
 
 FID and FVD need Inception / I3D weights that cannot be downloaded here, so
 they are not computed. To add them, install `torchmetrics[image]` with
@@ -36,6 +45,7 @@ frames as uint8 (N, 3, H, W). FVD needs an I3D network loaded the same way.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -225,42 +235,146 @@ class AppearanceScorer:
         return matrix
 
 
+# A joint is correct (PCK) within this fraction of the person's height of where the driving pose puts it.
+PCK_ALPHA = 0.1
+
+
+def person_heights(body, body_scores, height: int) -> np.ndarray:
+    """(...) heights in pixels of poses (..., 18, 2): the vertical extent of their confident keypoints.
+
+    Vertical, because a person's height hardly changes as they turn or spread their arms while the
+    width does; in pixels, so that distances along x and y count alike in a non-square frame. At
+    least one pixel; a pose with no confident keypoint has no height (NaN).
+    """
+    confident = np.asarray(body_scores) >= KEYPOINT_THRESHOLD
+    ys = np.where(confident, np.asarray(body)[..., 1] * height, np.nan)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: poses with nothing confident
+        extent = np.nanmax(ys, axis=-1) - np.nanmin(ys, axis=-1)
+    return np.maximum(extent, 1.0)
+
+
+def keypoint_distances(found_body, found_scores, body, body_scores, height: int, width: int) -> np.ndarray:
+    """(..., 18) distance of each found keypoint from the driving pose's, in the driving person's heights.
+
+    Found and driving poses (..., 18, 2) normalised, scores (..., 18), broadcast against each other.
+    NaN where the driving keypoint is not confident (nothing to score), inf where it is but the
+    detector did not find it confidently (a miss).
+    """
+    found_body, body = np.asarray(found_body, np.float64), np.asarray(body, np.float64)
+    scale = np.array([width, height], np.float64)
+    gap = np.linalg.norm((found_body - body) * scale, axis=-1)  # (..., 18) pixels
+    distances = gap / person_heights(body, body_scores, height)[..., None]
+    distances = np.where(np.asarray(found_scores) >= KEYPOINT_THRESHOLD, distances, np.inf)
+    return np.where(np.asarray(body_scores) >= KEYPOINT_THRESHOLD, distances, np.nan)
+
+
+def pck_and_joint_error(distances, alpha: float = PCK_ALPHA) -> tuple[np.ndarray, np.ndarray]:
+    """(...) PCK and (...) mean joint error of `keypoint_distances`' (..., 18).
+
+    PCK: the fraction of the driving pose's confident keypoints found within `alpha` of it (a miss
+    is wrong, so a frame with no person scores 0; NaN for a driving pose with no confident
+    keypoint). Joint error: the mean distance over the keypoints found in both, NaN where there
+    is none.
+    """
+    distances = np.asarray(distances, np.float64)
+    scored = (~np.isnan(distances)).sum(axis=-1)
+    correct = (distances <= alpha).sum(axis=-1)
+    pck = np.divide(correct, scored, out=np.full(scored.shape, np.nan), where=scored > 0)
+    found = np.isfinite(distances)
+    count = found.sum(axis=-1)
+    total = np.where(found, distances, 0.0).sum(axis=-1)
+    error = np.divide(total, count, out=np.full(total.shape, np.nan), where=count > 0)
+    return pck, error
+
+
+def pose_error_of(found: Poses, driving: Poses, height: int, width: int, alpha: float = PCK_ALPHA) -> dict:
+    """{"pck", "joint_error", "detected"}: detected poses against driving poses, frame t against pose t.
+
+    Means over frames of each frame's PCK and joint error (`pck_and_joint_error`; frames where no
+    keypoint is found in both are left out of the joint error, which is NaN if that is every
+    frame) and the fraction of frames where the detector found a person (a confident keypoint).
+    Frames whose driving pose has no confident keypoint are left out of PCK and joint error.
+    """
+    if len(found) != len(driving):
+        raise ValueError(f"{len(found)} frames of detected poses for {len(driving)} driving poses")
+    distances = keypoint_distances(
+        found.body, found.body_scores, driving.body, driving.body_scores, height, width
+    )
+    pck, error = pck_and_joint_error(distances, alpha)
+    if np.isnan(pck).all():
+        raise ValueError("no driving pose has a confident keypoint: there is nothing to score the video by")
+    found_any = np.isfinite(error)
+    return {
+        "pck": float(np.nanmean(pck)),
+        "joint_error": float(error[found_any].mean()) if found_any.any() else float("nan"),
+        "detected": float((found.body_scores >= KEYPOINT_THRESHOLD).any(axis=1).mean()),
+    }
+
+
+def detect_poses(frames, detector: Callable) -> Poses:
+    """The bodies `detector` (a `cnx.pose.PoseDetector`) finds in each frame of one video.
+
+    A detector that tracks from frame to frame (`reset()`, as `cnx.mediapipe_pose`'s) is reset
+    first, so that nothing of an earlier video carries over.
+    """
+    video = (as_video(frames).permute(0, 2, 3, 1) * 255).round().byte().numpy()  # (F, H, W, 3) uint8
+    if hasattr(detector, "reset"):
+        detector.reset()
+    bodies, scores = [], []
+    for frame in video:
+        body, body_scores, *_ = detector(frame)
+        bodies.append(np.asarray(body, np.float64))
+        scores.append(np.asarray(body_scores, np.float64))
+    return Poses(np.stack(bodies), np.stack(scores))
+
+
+def pose_error(frames, poses: Poses, detector: Callable, alpha: float = PCK_ALPHA) -> dict:
+    """{"pck", "joint_error", "detected"} of a video against its driving poses (`pose_error_of`)."""
+    height, width = as_video(frames).shape[-2:]
+    return pose_error_of(detect_poses(frames, detector), poses, height, width, alpha)
+
+
 class DetectorScorer:
     """Disagreement of frames with poses by detected keypoints, for real data.
 
     `detector(frame (H, W, 3) uint8) -> (body (18, 2), body_scores (18,), hands, hand_scores, box)`
-    (`cnx.pose.PoseDetector`). For frame t and pose u: the mean distance between
-    keypoints confident in both, in units of pose u's height (its confident
-    keypoints' vertical extent); a frame where no common keypoint is found scores 1.
+    (`cnx.pose.PoseDetector`). For frame t and pose u: the mean distance between keypoints
+    confident in both, in units of pose u's height (`person_heights`); a frame where no common
+    keypoint is found scores 1. The detector runs once per video: the last video's poses are kept,
+    so `control_fidelity` and `pose_error` on the same frames share them.
     """
 
     def __init__(self, detector: Callable):
         self.detector = detector
+        self._last: tuple[torch.Tensor, Poses] | None = None
 
     def detect(self, frames) -> Poses:
-        video = (as_video(frames).permute(0, 2, 3, 1) * 255).round().byte().numpy()  # (F, H, W, 3) uint8
-        bodies, scores = [], []
-        for frame in video:
-            body, body_scores, *_ = self.detector(frame)
-            bodies.append(np.asarray(body, np.float64))
-            scores.append(np.asarray(body_scores, np.float64))
-        return Poses(np.stack(bodies), np.stack(scores))
+        video = as_video(frames)
+        if self._last is None or not torch.equal(self._last[0], video):
+            self._last = (video, detect_poses(frames, self.detector))
+        return self._last[1]
 
     def __call__(self, frames, poses: Poses) -> np.ndarray:
         found = self.detect(frames)
-        width, height = as_video(frames).shape[-1], as_video(frames).shape[-2]
-        scale = np.array([width, height], np.float64)
-        matrix = np.ones((len(found), len(poses)))
-        for u in range(len(poses)):
-            confident_u = poses.body_scores[u] >= KEYPOINT_THRESHOLD
-            ys = poses.body[u, confident_u, 1] * height
-            size = max(float(ys.max() - ys.min()), 1.0) if len(ys) else 1.0
-            for t in range(len(found)):
-                common = confident_u & (found.body_scores[t] >= KEYPOINT_THRESHOLD)
-                if common.any():
-                    gap = (found.body[t, common] - poses.body[u, common]) * scale
-                    matrix[t, u] = float(np.linalg.norm(gap, axis=1).mean()) / size
-        return matrix
+        height, width = as_video(frames).shape[-2:]
+        distances = keypoint_distances(  # (F, U, 18): every frame against every pose
+            found.body[:, None],
+            found.body_scores[:, None],
+            poses.body[None],
+            poses.body_scores[None],
+            height,
+            width,
+        )
+        found_both = np.isfinite(distances)
+        count = found_both.sum(axis=-1)
+        total = np.where(found_both, distances, 0.0).sum(axis=-1)
+        return np.divide(total, count, out=np.ones(total.shape), where=count > 0)
+
+    def pose_error(self, frames, poses: Poses, alpha: float = PCK_ALPHA) -> dict:
+        """`pose_error` with this scorer's detections."""
+        height, width = as_video(frames).shape[-2:]
+        return pose_error_of(self.detect(frames), poses, height, width, alpha)
 
 
 def pose_disagreement(frames, poses: Poses, scorer: Callable) -> np.ndarray:
@@ -292,10 +406,30 @@ def control_fidelity(frames, poses: Poses, scorer: Callable) -> dict[str, float]
 # Everything at once
 
 
+def pose_metrics(frames, poses: Poses, detector: Callable, alpha: float = PCK_ALPHA) -> dict[str, float]:
+    """{"pose_pck", "pose_joint_error", "pose_detected", "pose_contrast"}: a detector's view of a video.
+
+    `pose_error`'s three figures and the contrast of `control_fidelity` with a `DetectorScorer`
+    (0 for a still video, however close its one pose is to the driving ones), detecting once.
+    """
+    scorer = DetectorScorer(detector)
+    figures = {f"pose_{k}": v for k, v in scorer.pose_error(frames, poses, alpha).items()}
+    return figures | {"pose_contrast": control_fidelity(frames, poses, scorer)["contrast"]}
+
+
 def video_metrics(
-    pred, target, boxes=None, poses: Poses | None = None, scorer: Callable | None = None
+    pred,
+    target,
+    boxes=None,
+    poses: Poses | None = None,
+    scorer: Callable | None = None,
+    detector: Callable | None = None,
 ) -> dict:
-    """Means over frames of every metric that the inputs allow, as a flat dict of floats."""
+    """Means over frames of every metric that the inputs allow, as a flat dict of floats.
+
+    `scorer` fills the control fidelity (`control_*`), `detector` the detected pose's figures
+    (`pose_metrics`), both against `poses`.
+    """
     result = {
         "psnr": float(psnr(pred, target).mean()),
         "ssim": float(ssim(pred, target).mean()),
@@ -308,4 +442,6 @@ def video_metrics(
         result |= {"psnr_person": float(box_psnr.mean()), "ssim_person": float(box_ssim.mean())}
     if poses is not None and scorer is not None:
         result |= {f"control_{k}": v for k, v in control_fidelity(pred, poses, scorer).items()}
+    if poses is not None and detector is not None:
+        result |= pose_metrics(pred, poses, detector)
     return result

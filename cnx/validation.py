@@ -7,8 +7,11 @@ name the three parts one by one). `run_validation` writes the videos and grid
 of `cnx.media.write_outputs` plus `metrics.json`: PSNR, SSIM, L1 and temporal
 error against the ground truth, and, given the poses' keypoints (e.g. the
 synthetic dancers' known poses), PSNR/SSIM inside the person's box and control
-fidelity (`cnx.metrics`). Used by `cnx validate`, by training's validation and
-by the convergence checks.
+fidelity (`cnx.metrics`). Given a pose detector (`scoring_detector`), also PCK,
+joint error, detection rate and contrast of the pose it finds in the generated
+frames (`cnx.metrics.pose_metrics`), against the keypoints or, without them,
+against the poses it finds in the ground truth. Used by `cnx validate`, by
+training's validation and by the convergence checks.
 """
 
 from __future__ import annotations
@@ -69,26 +72,53 @@ def crop_keypoints(points: np.ndarray, source_size: tuple[int, int], height: int
     return (np.asarray(points) - origin) / span
 
 
-def score(generated: np.ndarray, validation: ValidationSet, height: int, width: int) -> dict:
-    """Metrics of (F, H, W, 3) uint8 generated frames against the validation set (module docstring)."""
+# The pose detectors that `cnx validate --pose_detector` scores with (`scoring_detector`).
+POSE_DETECTORS = ("mediapipe",)
+
+
+def scoring_detector(name: str):
+    """A `cnx.pose.PoseDetector` for scoring videos: every frame on its own, bodies only.
+
+    On its own, so that no frame's pose is smoothed towards or tracked from another's (a still or
+    shuffled video would borrow its neighbours' poses) and nothing carries over between videos.
+    """
+    if name == "mediapipe":
+        from cnx.mediapipe_pose import MediaPipePoseDetector
+
+        return MediaPipePoseDetector(video=False, hands=False)
+    raise ValueError(f"unknown pose detector {name!r}: one of {', '.join(POSE_DETECTORS)}")
+
+
+def score(generated: np.ndarray, validation: ValidationSet, height: int, width: int, detector=None) -> dict:
+    """Metrics of (F, H, W, 3) uint8 generated frames against the validation set (module docstring).
+
+    With a `detector` (`scoring_detector`), also the detected pose's figures (`cnx.metrics.pose_metrics`)
+    against the known keypoints, or, without them, against the poses it detects in the ground truth.
+    """
     from cnx import metrics
 
     truth = fit(validation.ground_truth[: len(generated)], height, width)
     if validation.keypoints is None:
-        return metrics.video_metrics(generated, truth)
+        result = metrics.video_metrics(generated, truth)
+        if detector is not None:
+            result |= metrics.pose_metrics(generated, metrics.detect_poses(truth, detector), detector)
+        return result
     source = validation.ground_truth.shape[1:3]
     body = crop_keypoints(validation.keypoints["body"][: len(generated)], source, height, width)
     scores = np.asarray(validation.keypoints["body_scores"][: len(generated)])
     poses = metrics.Poses(body, scores)
     boxes = metrics.person_boxes_from_keypoints(body, scores)
     scorer = metrics.AppearanceScorer(fit(validation.reference[None], height, width)[0], body[0], scores[0])
-    return metrics.video_metrics(generated, truth, boxes=boxes, poses=poses, scorer=scorer)
+    return metrics.video_metrics(generated, truth, boxes, poses, scorer, detector)
 
 
 def run_validation(
-    pipe, validation: ValidationSet, out_dir: str | Path, height: int, width: int, **options
+    pipe, validation: ValidationSet, out_dir: str | Path, height: int, width: int, detector=None, **options
 ) -> dict:
-    """Generate the validation video with `pipe`, write videos, grid and metrics.json; return the metrics."""
+    """Generate the validation video with `pipe`, write videos, grid and metrics.json; return the metrics.
+
+    `detector`: see `score`.
+    """
     frames = pipe(
         validation.reference, validation.poses, height=height, width=width, output_type="np", **options
     )
@@ -98,7 +128,7 @@ def run_validation(
         fit(validation.poses, height, width),
     ]
     write_outputs(out_dir, generated, options.get("fps", DEFAULT_FPS), rows)
-    result = score(generated, validation, height, width)
+    result = score(generated, validation, height, width, detector)
     record = {"frames": len(generated), "width": width, "height": height, "metrics": result}
     (Path(out_dir) / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     return result
