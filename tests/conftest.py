@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from two_processes import launch_two_processes
 
 from cnx.tiny import write_tiny_svd
 
@@ -28,6 +29,28 @@ CONVERGENCE_RUN = pytest.StashKey["ConvergenceRun"]()
 def tiny_svd_dir(tmp_path_factory):
     """A stand-in SVD pipeline folder (seed 0), written once per test session."""
     return write_tiny_svd(tmp_path_factory.mktemp("tiny-svd") / "svd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def deepspeed_run(tiny_svd_dir, tmp_path_factory) -> tuple[Path, dict[int, dict], Path]:
+    """(output_dir, steps, torch extensions folder) of a ZeRO-2 run in two CPU processes: 4 steps,
+    checkpoints at 2 and 4, EMA kept.
+
+    One launch for two files, the launch being the slowest part of each test: test_distributed
+    resumes it from checkpoint-2, test_export exports checkpoint-4 and compares it with final/.
+    The extensions folder starts empty: `cnx train` compiles no DeepSpeed op on a CPU.
+    """
+    output_dir, extensions = tmp_path_factory.mktemp("deepspeed"), tmp_path_factory.mktemp("extensions")
+    steps = launch_two_processes(
+        "deepspeed",
+        tiny_svd_dir,
+        output_dir,
+        "--max_train_steps=4",
+        "--checkpointing_steps=2",
+        "--use_ema",
+        env={"TORCH_EXTENSIONS_DIR": str(extensions)},
+    )
+    return output_dir, steps, extensions
 
 
 class ConvergenceRun:
