@@ -81,9 +81,12 @@ class ConvergenceRun:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
             )
+        self.started = time.time()
         self.deadline = time.monotonic() + timeout_s
+        self.timeline = ""  # when the run finished against when its tests asked for it: the summary prints it
 
     def figures(self) -> dict:
+        asked = time.time()
         try:
             code = self.process.wait(timeout=max(1.0, self.deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -92,6 +95,12 @@ class ConvergenceRun:
         finally:
             self.give_back_the_core()
         assert code == 0, self.log.read_text(errors="replace")[-3000:]
+        finished = self.out.stat().st_mtime  # the record is the run's last write
+        self.timeline = f"convergence run: {finished - self.started:.0f} s; its tests asked for it " + (
+            f"{asked - finished:.0f} s after it finished"
+            if asked >= finished
+            else f"and waited {finished - asked:.0f} s"
+        )
         os.environ["CNX_RUN"] = str(self.run)
         return json.loads(self.out.read_text())
 
@@ -132,6 +141,13 @@ def pytest_collection_modifyitems(config, items):
     beside = [item for item in items if item not in after and item not in guarded]
     items[:] = beside + guarded + after
     config.stash[CONVERGENCE_RUN] = ConvergenceRun(share_cores=bool(beside))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """How the session's time went around the convergence run (for ordering the suite)."""
+    run = config.stash.get(CONVERGENCE_RUN, None)
+    if run is not None and run.timeline:
+        terminalreporter.write_line(run.timeline)
 
 
 def pytest_unconfigure(config):
