@@ -164,12 +164,28 @@ def push_to_hub(folder: Path, options) -> None:
     print(f"uploaded {folder} to https://huggingface.co/{options.hub_model_id}")
 
 
+def skip_deepspeed_shared_memory_op() -> None:
+    """Keep DeepSpeed on CPUs from compiling its shared-memory all-reduce when its process group starts.
+
+    The compilation takes tens of seconds on a machine that has not built it yet, and only
+    DeepSpeed's inference all-reduce uses the op: ZeRO's training collectives go through
+    torch.distributed (gloo here) either way. DeepSpeed reads the op's availability from one
+    dict, probed on first access and kept, so marking it unavailable there skips the build.
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def make_accelerator(options):
     from datetime import timedelta
 
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available():
+        skip_deepspeed_shared_memory_op()
     # gloo when there is no GPU (otherwise several CPU processes silently train as one); a long
     # timeout so ranks waiting for the main process's validation do not time out.
     group = {"timeout": timedelta(hours=2)} | ({} if torch.cuda.is_available() else {"backend": "gloo"})

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from two_processes import launch_two_processes
 
 from cnx.tiny import write_tiny_svd
 
@@ -28,6 +29,28 @@ CONVERGENCE_RUN = pytest.StashKey["ConvergenceRun"]()
 def tiny_svd_dir(tmp_path_factory):
     """A stand-in SVD pipeline folder (seed 0), written once per test session."""
     return write_tiny_svd(tmp_path_factory.mktemp("tiny-svd") / "svd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def deepspeed_run(tiny_svd_dir, tmp_path_factory) -> tuple[Path, dict[int, dict], Path]:
+    """(output_dir, steps, torch extensions folder) of a ZeRO-2 run in two CPU processes: 4 steps,
+    checkpoints at 2 and 4, EMA kept.
+
+    One launch for two files, the launch being the slowest part of each test: test_distributed
+    resumes it from checkpoint-2, test_export exports checkpoint-4 and compares it with final/.
+    The extensions folder starts empty: `cnx train` compiles no DeepSpeed op on a CPU.
+    """
+    output_dir, extensions = tmp_path_factory.mktemp("deepspeed"), tmp_path_factory.mktemp("extensions")
+    steps = launch_two_processes(
+        "deepspeed",
+        tiny_svd_dir,
+        output_dir,
+        "--max_train_steps=4",
+        "--checkpointing_steps=2",
+        "--use_ema",
+        env={"TORCH_EXTENSIONS_DIR": str(extensions)},
+    )
+    return output_dir, steps, extensions
 
 
 class ConvergenceRun:
@@ -58,9 +81,12 @@ class ConvergenceRun:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
             )
+        self.started = time.time()
         self.deadline = time.monotonic() + timeout_s
+        self.timeline = ""  # when the run finished against when its tests asked for it: the summary prints it
 
     def figures(self) -> dict:
+        asked = time.time()
         try:
             code = self.process.wait(timeout=max(1.0, self.deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -69,6 +95,12 @@ class ConvergenceRun:
         finally:
             self.give_back_the_core()
         assert code == 0, self.log.read_text(errors="replace")[-3000:]
+        finished = self.out.stat().st_mtime  # the record is the run's last write
+        self.timeline = f"convergence run: {finished - self.started:.0f} s; its tests asked for it " + (
+            f"{asked - finished:.0f} s after it finished"
+            if asked >= finished
+            else f"and waited {finished - asked:.0f} s"
+        )
         os.environ["CNX_RUN"] = str(self.run)
         return json.loads(self.out.read_text())
 
@@ -109,6 +141,13 @@ def pytest_collection_modifyitems(config, items):
     beside = [item for item in items if item not in after and item not in guarded]
     items[:] = beside + guarded + after
     config.stash[CONVERGENCE_RUN] = ConvergenceRun(share_cores=bool(beside))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """How the session's time went around the convergence run (for ordering the suite)."""
+    run = config.stash.get(CONVERGENCE_RUN, None)
+    if run is not None and run.timeline:
+        terminalreporter.write_line(run.timeline)
 
 
 def pytest_unconfigure(config):

@@ -4,7 +4,6 @@ controlnext-only, DeepSpeed); bad input."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -155,29 +154,20 @@ def test_validate_reads_an_output_dir_and_a_checkpoint_that_cnx_train_wrote(trai
     assert metrics[0] == metrics[1] == metrics[2]  # the same weights, the same seed: the same video
 
 
-def test_a_deepspeed_zero2_checkpoint_exports_its_fp32_weights(tiny_svd_dir, tmp_path):
-    """Two CPU processes under ZeRO-2 (the first such run on a machine JIT-compiles a comm op, ~30 s)."""
-    with socket.socket() as probe:  # a free port, so concurrent runs do not collide on 29500
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    accelerate = Path(sys.executable).parent / "accelerate"
-    launch = [str(accelerate), "launch", "--use_deepspeed", "--zero_stage", "2", "--num_processes", "2"]
-    launch += ["--mixed_precision", "no", f"--main_process_port={port}", "-m", "cnx.train"]
-    trained = run(
-        *launch, *train_argv(tiny_svd_dir, tmp_path, "--use_ema"), env={**ENV, "DS_ACCELERATOR": "cpu"}
-    )
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    checkpoint = tmp_path / "checkpoint-2"
+def test_a_deepspeed_zero2_checkpoint_exports_its_fp32_weights(deepspeed_run, tiny_svd_dir, tmp_path):
+    """The ZeRO-2 run of two CPU processes (tests/conftest.py) that test_distributed resumes."""
+    run_dir = deepspeed_run[0]
+    checkpoint = run_dir / "checkpoint-4"  # the last step: final/ holds the same weights
     assert (checkpoint / "pytorch_model").is_dir() and not (checkpoint / "model.safetensors").exists()
     out = tmp_path / "exported"
 
     result = run(sys.executable, "-m", "cnx.export", str(checkpoint), str(out))
 
     assert result.returncode == 0, result.stderr[-2000:]
-    assert_same_export(tmp_path / "final", out, exact=False)
+    assert_same_export(run_dir / "final", out, exact=False)
     assert {p.name for p in out.iterdir()} == {"controlnext", "unet", "controlnext_ema", "unet_ema"}
     for ema in (False, True):  # the sampler reads the shards too
-        final = sampler_state(tiny_svd_dir, tmp_path / "final", ema)
+        final = sampler_state(tiny_svd_dir, run_dir / "final", ema)
         assert_same_state(sampler_state(tiny_svd_dir, checkpoint, ema), final, exact=False)
 
 
